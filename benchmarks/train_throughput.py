@@ -1,0 +1,69 @@
+"""Models per second of the subset-training engine vs a naive per-model PyTorch loop,
+same hyperparameters (params.yaml), same masks and initialisations, same run.
+
+    python benchmarks/train_throughput.py [--models 100]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import ROOT, write_result
+from datalens.config import stage_params
+from datalens.training import SubsetRun, cached_dataset, init_models, margins_from_logits, train_range
+
+
+def naive_loop(run: SubsetRun, masks: np.ndarray, seeds: list[int]) -> np.ndarray:
+    """One model at a time, the textbook way: its own subset tensor, its own optimizer."""
+    ds = cached_dataset(run.dataset, run.data_root)
+    x, y = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
+    xt, yt = torch.tensor(ds.x_test), torch.tensor(ds.y_test)
+    s = run.settings
+    out = []
+    for model, mask in zip(init_models(lambda: run.build_model(ds), seeds), masks):
+        xs, ys = x[torch.tensor(mask)], y[torch.tensor(mask)]
+        opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        for _ in range(s.epochs):
+            loss = F.cross_entropy(model(xs), ys)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out.append(margins_from_logits(model(xt), yt))
+    return torch.stack(out).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=200)
+    args = ap.parse_args()
+    p = stage_params("train_subsets", ROOT / "params.yaml", {"device": "cpu"})
+    run = SubsetRun.from_params(p, store="memory://bench", num_models=args.models)
+    if run.settings.batch_size != 0 or run.settings.optimizer != "adam":
+        raise SystemExit("this benchmark compares full-batch Adam, the embedded profile's setting")
+    # warm up both (data load, first-use imports inside torch) so only training is timed
+    train_range(run, 0, 1)
+    naive_loop(SubsetRun.from_params(p, store="memory://bench", num_models=1), train_range(run, 0, 1)["masks"], run.model_seeds(0, 1))
+    t0 = time.perf_counter()
+    ours = train_range(run, 0, args.models)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base = naive_loop(run, ours["masks"], run.model_seeds(0, args.models))
+    t_base = time.perf_counter() - t0
+    acc_ours, acc_base = float((ours["test_margins"] > 0).mean()), float((base > 0).mean())
+    write_result("train_throughput", {
+        "ours": args.models / t_ours, "baseline": args.models / t_base, "ratio": t_base / t_ours,
+        "unit": "models/s", "ours_seconds": t_ours, "baseline_seconds": t_base,
+        "ours_test_accuracy": acc_ours, "baseline_test_accuracy": acc_base,
+        "max_abs_margin_difference": float(np.abs(ours["test_margins"] - base).max()),
+        "settings": {"models": args.models, "model": run.model, **run.model_kwargs, "epochs": run.settings.epochs,
+                     "lr": run.settings.lr, "weight_decay": run.settings.weight_decay, "alpha": run.alpha},
+    })
+
+
+if __name__ == "__main__":
+    main()

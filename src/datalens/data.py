@@ -1,0 +1,136 @@
+"""Datasets by name.
+
+``digits``: scikit-learn's embedded 8x8 handwritten digits (ships with
+scikit-learn, so no download), a fixed stratified 1347/450 split, features
+standardised with training statistics.
+
+``cifar10`` / ``cifar2`` (cat vs dog): read from the official CIFAR-10 python
+tarball ``<root>/cifar-10-python.tar.gz``, which ``data.dvc`` tracks as an
+import of the official URL.
+"""
+from __future__ import annotations
+
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CIFAR_TARBALL = "cifar-10-python.tar.gz"
+CIFAR_FETCH_COMMAND = "dvc update data.dvc"
+CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split held in memory.
+
+    x_train: (n_train, *input_shape) float32; y_train: (n_train,) int64;
+    x_test: (n_test, *input_shape) float32; y_test: (n_test,) int64.
+    ``images_*`` are the same examples as displayable images (n, H, W) or (n, H, W, 3) in [0, 1].
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...]
+    images_train: np.ndarray
+    images_test: np.ndarray
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
+
+
+def load_digits() -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=450, stratify=y, random_state=0)
+    idx_train.sort()
+    idx_test.sort()
+    mean = x[idx_train].mean(0)
+    std = x[idx_train].std(0)
+    std[std == 0] = 1.0  # constant border pixels
+    xs = (x - mean) / std
+    images = bunch.images.astype(np.float32) / 16.0
+    return Dataset(
+        "digits", xs[idx_train], y[idx_train], xs[idx_test], y[idx_test], 10,
+        tuple(str(i) for i in range(10)), images[idx_train], images[idx_test],
+    )
+
+
+def _read_cifar_tarball(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Read the official python tarball: uint8 images (n, 32, 32, 3) and labels."""
+    train_x, train_y, test_x, test_y, names = [], [], [], [], None
+    with tarfile.open(path, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            base = Path(member.name).name
+            if not member.isfile() or not (base.startswith("data_batch_") or base in ("test_batch", "batches.meta")):
+                continue
+            blob = pickle.load(tar.extractfile(member), encoding="bytes")
+            if base == "batches.meta":
+                names = [n.decode() for n in blob[b"label_names"]]
+                continue
+            images = np.asarray(blob[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            labels = np.asarray(blob[b"labels"], dtype=np.int64)
+            (test_x if base == "test_batch" else train_x).append(images)
+            (test_y if base == "test_batch" else train_y).append(labels)
+    if not train_x or not test_x or names is None:
+        raise ValueError(f"{path} is not the CIFAR-10 python tarball (missing data_batch_*, test_batch or batches.meta)")
+    return np.concatenate(train_x), np.concatenate(train_y), np.concatenate(test_x), np.concatenate(test_y), names
+
+
+def load_cifar(root: str | Path = "data", classes: tuple[int, ...] | None = None) -> Dataset:
+    """CIFAR-10, or the subset of ``classes`` relabelled 0..len(classes)-1 (cifar2 = cat, dog)."""
+    path = Path(root) / CIFAR_TARBALL
+    if not path.exists():
+        raise FileNotFoundError(
+            f"CIFAR-10 tarball not found at {path}. Fetch it once with `{CIFAR_FETCH_COMMAND}` "
+            f"(needs network; 170,498,071 bytes), or set data.root to the folder that holds {CIFAR_TARBALL}."
+        )
+    xtr, ytr, xte, yte, names = _read_cifar_tarball(path)
+    if classes is not None:
+        keep_tr, keep_te = np.isin(ytr, classes), np.isin(yte, classes)
+        remap = {c: i for i, c in enumerate(classes)}
+        xtr, xte = xtr[keep_tr], xte[keep_te]
+        ytr = np.array([remap[c] for c in ytr[keep_tr]], dtype=np.int64)
+        yte = np.array([remap[c] for c in yte[keep_te]], dtype=np.int64)
+        names = [names[c] for c in classes]
+
+    def norm(img: np.ndarray) -> np.ndarray:
+        return ((img.astype(np.float32) / 255.0 - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2).copy()
+
+    return Dataset(
+        "cifar10" if classes is None else "cifar2", norm(xtr), ytr, norm(xte), yte, len(names), tuple(names),
+        xtr.astype(np.float32) / 255.0, xte.astype(np.float32) / 255.0,
+    )
+
+
+DATASETS = {
+    "digits": lambda root: load_digits(),
+    "cifar10": lambda root: load_cifar(root),
+    "cifar2": lambda root: load_cifar(root, classes=(3, 5)),
+}
+
+
+def load_dataset(name: str, root: str | Path = "data") -> Dataset:
+    """Load a registered dataset by name (see :data:`DATASETS`)."""
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset={name!r} is unknown; allowed values: {', '.join(DATASETS)}")
+    return DATASETS[name](root)

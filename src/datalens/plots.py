@@ -1,0 +1,70 @@
+"""Figures. Each function draws one figure from arrays and saves it; notebooks call them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_histogram(test_accuracy: np.ndarray, path: Path) -> Path:
+    """test_accuracy: (N,) per-model test accuracy."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sns.histplot(test_accuracy, bins=30, ax=ax)
+    ax.set(xlabel="test accuracy", ylabel="models", title=f"{len(test_accuracy)} subset models")
+    return _save(fig, path)
+
+
+def margin_distributions(margins: np.ndarray, targets: np.ndarray, path: Path) -> Path:
+    """margins: (N, t) test margins; draws the distribution over models for a few targets."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for t in targets:
+        sns.kdeplot(margins[:, t], ax=ax, label=f"test #{t}", fill=True, alpha=0.2)
+    ax.set(xlabel="margin (logit_y - logsumexp others)", ylabel="density", title="margin across subset models")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def with_without(margin_in: np.ndarray, margin_out: np.ndarray, target: int, train_index: int, path: Path) -> Path:
+    """Mean margin of one target over models that contain vs lack one training example."""
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    means = [margin_in.mean(), margin_out.mean()]
+    errs = [margin_in.std(ddof=1) / np.sqrt(len(margin_in)), margin_out.std(ddof=1) / np.sqrt(len(margin_out))]
+    ax.bar(["with", "without"], means, yerr=errs, capsize=6, color=["tab:blue", "tab:orange"])
+    ax.set(ylabel="mean margin (± s.e.)", title=f"test #{target}, train #{train_index}")
+    return _save(fig, path)
+
+
+def scatter_predicted_actual(predicted: np.ndarray, actual: np.ndarray, path: Path, title: str = "", xlabel: str = "predicted", ylabel: str = "actual") -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(predicted, actual, s=4, alpha=0.3)
+    lo, hi = np.nanmin([predicted.min(), actual.min()]), np.nanmax([predicted.max(), actual.max()])
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _save(fig, path)
+
+
+def image_grid(images: list[np.ndarray], titles: list[str], path: Path, ncols: int, size: float = 1.3) -> Path:
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None)
+        ax.set_title(title, fontsize=7)
+    return _save(fig, path)

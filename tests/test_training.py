@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from datalens.data import load_digits
+from datalens.models import build_model
+from datalens.training import (
+    NonFiniteLossError, TrainSettings, flatten_state, init_models, margins_from_logits, model_seed,
+    subset_masks, train_models, unflatten_state,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_digits()
+    return ds, torch.tensor(ds.x_train), torch.tensor(ds.y_train), torch.tensor(ds.x_test), torch.tensor(ds.y_test)
+
+
+def _both_paths(digits, model_name, kwargs, settings, m=5):
+    ds, x, y, xt, yt = digits
+    masks = subset_masks(0, range(m), ds.n_train, 0.5)
+    seeds = [model_seed(0, j, 0) for j in range(m)]
+    factory = lambda: build_model(model_name, ds.input_shape, ds.num_classes, **kwargs)  # noqa: E731
+    out = []
+    for batched in (True, False):
+        trained = train_models(init_models(factory, seeds), x, y, masks, seeds, settings, batched=batched)
+        out.append(margins_from_logits(trained.logits(xt), yt).numpy())
+    return out
+
+
+@pytest.mark.parametrize(
+    "model_name,kwargs,settings",
+    [
+        ("mlp", {"hidden": [32]}, TrainSettings(epochs=20, lr=1e-2, weight_decay=1e-3)),
+        ("mlp", {"hidden": [16, 16]}, TrainSettings(epochs=3, lr=5e-2, optimizer="sgd", batch_size=128, schedule="triangular", peak_epoch=1)),
+        ("cnn", {"width": 4}, TrainSettings(epochs=2, lr=1e-2, batch_size=256)),
+    ],
+)
+def test_batched_training_equals_training_each_model_alone(digits, model_name, kwargs, settings):
+    batched, alone = _both_paths(digits, model_name, kwargs, settings)
+    assert batched.shape == alone.shape == (5, 450)
+    np.testing.assert_allclose(batched, alone, rtol=1e-3, atol=2e-3)
+    # and the models really differ from each other (the comparison is not vacuous)
+    assert np.abs(batched[0] - batched[1]).max() > 0.05
+
+
+def test_margin_is_log_odds_of_the_true_class():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.1, 3.0]]])
+    y = torch.tensor([0, 1])
+    p = torch.softmax(logits, -1)[0]
+    expected = torch.log(p[[0, 1], y] / (1 - p[[0, 1], y]))
+    torch.testing.assert_close(margins_from_logits(logits, y)[0], expected)
+
+
+def test_nan_loss_is_reported_with_model_ids(digits):
+    ds, x, y, *_ = digits
+    masks = subset_masks(0, range(2), ds.n_train, 0.5)
+    models = init_models(lambda: build_model("mlp", ds.input_shape, 10, hidden=[8]), [1, 2])
+    with pytest.raises(NonFiniteLossError, match=r"models \[7, 8\].*train.lr"):
+        train_models(models, x, y, masks, [1, 2], TrainSettings(epochs=3, lr=1e30), model_ids=[7, 8])
+
+
+def test_checkpoint_round_trip_restores_the_model(digits):
+    ds, x, *_ = digits
+    model = build_model("resnet9", (3, 8, 8), 10, width=4)
+    other = build_model("resnet9", (3, 8, 8), 10, width=4)
+    other.load_state_dict(unflatten_state(flatten_state(model.state_dict()), other))
+    inp = torch.randn(2, 3, 8, 8)
+    model.eval(), other.eval()
+    torch.testing.assert_close(model(inp), other(inp))
