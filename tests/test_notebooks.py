@@ -6,31 +6,47 @@ import subprocess
 import papermill as pm
 import pytest
 
-TINY = {
-    "01_train_subsets": {
-        "device": "cpu", "train.num_models": 24, "train.block_size": 8, "train.epochs": 5, "train.num_checkpoints": 4,
-    },
+SETTINGS = {"train.epochs": 5, "train.stack_size": 8}
+TINY = {  # the pipeline in order; each stage reads what the one before wrote
+    "01_train_subsets": {"device": "cpu", "train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4, **SETTINGS},
+    "02_eval_models": {"device": "cpu", "evaluation.num_masks": 12, "evaluation.repeats": 2, "train.block_size": 12, **SETTINGS},
+    "03_fit_datamodels": {"datamodels.model_counts": [40], "datamodels.num_lambdas": 12, "datamodels.max_iter": 100},
+    "04_counterfactuals": {"device": "cpu", "counterfactuals.num_targets": 2, "counterfactuals.ks": [2, 4],
+                           "counterfactuals.num_retrains": 1, **SETTINGS},
 }
 
 
-def _stores(tmp_path):
-    return {"train.store": str(tmp_path / "train.zarr")}
-
-
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_notebook_runs_end_to_end(root, tmp_path, name):
-    overrides = {**TINY[name], **{k: v for k, v in _stores(tmp_path).items()}}
-    out = tmp_path / "report"
+def _run(root, tmp_path, name, overrides, extra=None):
+    from datalens.config import declared_params
+    stage = name.split("_", 1)[1]
+    declared = declared_params(stage, root)
+    stores = {"train.store": str(tmp_path / "train.zarr"), "evaluation.store": str(tmp_path / "eval.zarr")}
+    overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
+    if "evaluation" in declared:  # a whole section: override its keys through the section
+        overrides = {k: v for k, v in overrides.items()}
+    out = tmp_path / stage
     pm.execute_notebook(
         str(root / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
-        parameters={"overrides": overrides, "out_dir": str(out)}, cwd=str(root), progress_bar=False, kernel_name="python3",
+        parameters={"overrides": overrides, "out_dir": str(out), **(extra or {})}, cwd=str(root), progress_bar=False,
+        kernel_name="python3",
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics and all(v == v for v in metrics.values() if isinstance(v, float))
     figures = list((out / "figures").glob("*.png"))
     assert figures and all(f.stat().st_size > 1000 for f in figures)
-    if name == "01_train_subsets":
-        assert metrics["num_models"] == 24 and metrics["test_accuracy_mean"] > 0.5
+    return metrics
+
+
+def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
+    extra = {"datamodels_path": str(tmp_path / "datamodels.npz")}
+    m1 = _run(root, tmp_path, "01_train_subsets", TINY["01_train_subsets"])
+    assert m1["num_models"] == 80 and m1["test_accuracy_mean"] > 0.5
+    m2 = _run(root, tmp_path, "02_eval_models", TINY["02_eval_models"])
+    assert m2["num_models"] == 24 and -1 <= m2["seed_agreement"] <= 1
+    m3 = _run(root, tmp_path, "03_fit_datamodels", TINY["03_fit_datamodels"], extra)
+    assert m3["num_models"] == 80 and set(m3["growth"]) == {"40", "80"}
+    assert -1 <= m3["lds_mean"] <= 1 and m3["mean_nonzero_weights"] >= 0
+    m4 = _run(root, tmp_path, "04_counterfactuals", TINY["04_counterfactuals"], extra)
+    assert set(m4["fraction_flipped_predicted"]) == {"2", "4"}
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

@@ -68,3 +68,34 @@ def image_grid(images: list[np.ndarray], titles: list[str], path: Path, ncols: i
         ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None)
         ax.set_title(title, fontsize=7)
     return _save(fig, path)
+
+
+def line(xs, ys: dict[str, list], path: Path, xlabel: str, ylabel: str, title: str = "", logx: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, y in ys.items():
+        ax.plot(xs, y, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def histogram(values: np.ndarray, path: Path, xlabel: str, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sns.histplot(values, bins=40, ax=ax)
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    return _save(fig, path)
+
+
+def top_attributed(scores: np.ndarray, targets, images_test, images_train, labels_test, labels_train, path: Path, k: int = 5) -> Path:
+    """Per target row: the test image, then its k most positive and k most negative training examples.
+    scores: (n_train, n_test)."""
+    imgs, titles = [], []
+    for t in targets:
+        imgs.append(images_test[t]); titles.append(f"test #{t} (y={labels_test[t]})")
+        for i in np.argsort(-scores[:, t])[:k]:
+            imgs.append(images_train[i]); titles.append(f"+{scores[i, t]:.2f} y={labels_train[i]}")
+        for i in np.argsort(scores[:, t])[:k]:
+            imgs.append(images_train[i]); titles.append(f"{scores[i, t]:.2f} y={labels_train[i]}")
+    return image_grid(imgs, titles, path, ncols=1 + 2 * k)

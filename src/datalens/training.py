@@ -557,3 +557,20 @@ def report_subset_run(store, run: SubsetRun, fig_dir) -> dict:
         "n_train": ds.n_train,
         "n_test": ds.n_test,
     }
+
+
+def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: str = "counterfactual") -> np.ndarray:
+    """Test margins (m, t) of models trained on given masks (m, n), averaged over ``repeats``
+    seeds. Repeat r uses the same seed for every mask (common random numbers), so
+    differences between masks are not blurred by initialisation noise."""
+    ds = cached_dataset(run.dataset, run.data_root)
+    device = resolve_device(run.device)
+    x_tr, y_tr = torch.as_tensor(ds.x_train, device=device), torch.as_tensor(ds.y_train, device=device)
+    x_te, y_te = torch.as_tensor(ds.x_test, device=device), torch.as_tensor(ds.y_test, device=device)
+    total = np.zeros((len(masks), ds.n_test))
+    for r in range(repeats):
+        seeds = [model_seed(run.seed, 0, r, stream)] * len(masks)
+        models = [mod.to(device) for mod in init_models(lambda: run.build_model(ds), seeds)]
+        trained = train_models(models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, stack_size=run.stack_size)
+        total += margins_from_logits(trained.logits(x_te), y_te).double().cpu().numpy()
+    return total / repeats

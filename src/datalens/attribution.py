@@ -1,0 +1,143 @@
+"""Attribution methods behind one interface: each returns scores shaped (n_train, n_targets),
+positive when including a training example raises the target's margin.
+
+Gradient conventions (f = margin, L = cross-entropy, so dL/df = -Q with Q = 1 - p):
+``-grad L_i = Q_i grad f_i`` is the direction in which training on z_i moves the
+parameters, and the target side is ``grad f_x``.
+
+* ``grad_dot`` (GAS / TracIn with one checkpoint): tau = <-grad L_i, grad f_x>
+* ``grad_cosine``: the same, normalised
+* ``tracin``: sum over checkpoints c of lr_c <-grad L_i^c, grad f_x^c>
+* ``representation_similarity``: cosine of penultimate-layer features
+* ``influence_explicit`` / ``influence_cg``: tau = grad f_x^T (H + damping I)^{-1} (-grad L_i),
+  H the Hessian of the model's mean training loss on its own subset; explicit inverse
+  for few parameters, batched conjugate gradient on Hessian-vector products otherwise
+* ``empirical_influence``: mean margin of models trained with i minus without i
+  (from the subset models themselves)
+* TRAK (:mod:`datalens.trak`) and datamodels (:mod:`datalens.datamodels`) fit the same shape.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from datalens.trak import ClassificationMargin, out_to_loss, per_example_gradients
+
+
+def _helpful_grads(model, x, y, param_names=None):
+    """(-grad L_i) = Q_i grad f_i: (n, d)."""
+    g = per_example_gradients(model, x, y, param_names=param_names, dtype=torch.float64)
+    return out_to_loss(model, x, y).double()[:, None] * g
+
+
+def grad_dot(model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
+    gt = per_example_gradients(model, x_targets, y_targets, param_names=param_names, dtype=torch.float64)
+    return (_helpful_grads(model, x_train, y_train, param_names) @ gt.T).numpy()
+
+
+def grad_cosine(model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
+    gt = per_example_gradients(model, x_targets, y_targets, param_names=param_names, dtype=torch.float64)
+    gi = _helpful_grads(model, x_train, y_train, param_names)
+    return (F.normalize(gi, dim=1) @ F.normalize(gt, dim=1).T).numpy()
+
+
+def tracin(checkpoints: Sequence[nn.Module], lrs: Sequence[float], x_train, y_train, x_targets, y_targets,
+           param_names=None) -> np.ndarray:
+    if len(checkpoints) != len(lrs):
+        raise ValueError(f"{len(checkpoints)} checkpoints but {len(lrs)} learning rates")
+    return sum(lr * grad_dot(m, x_train, y_train, x_targets, y_targets, param_names) for m, lr in zip(checkpoints, lrs))
+
+
+def representation_similarity(model: nn.Sequential, x_train, x_targets) -> np.ndarray:
+    """Cosine similarity of the inputs to the last layer (the penultimate representation)."""
+    body = model[:-1].eval()
+    with torch.no_grad():
+        a, b = body(x_train).double(), body(x_targets).double()
+    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).numpy()
+
+
+def _training_loss_fn(model, x, y, names):
+    params = dict(model.named_parameters())
+    frozen = {n: p.detach() for n, p in params.items() if n not in names}
+    frozen.update(dict(model.named_buffers()))
+    shapes = [params[n].shape for n in names]
+    sizes = [s.numel() for s in shapes]
+
+    def loss(flat):
+        p = {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
+        return F.cross_entropy(functional_call(model, {**frozen, **p}, (x,)), y)
+
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    return loss, flat0
+
+
+def influence_explicit(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None) -> np.ndarray:
+    """Influence with an explicit damped Hessian over ``param_names`` (all by default; keep d small)."""
+    model = model.eval().double()
+    names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
+    mask = torch.as_tensor(np.asarray(train_mask, bool))
+    loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
+    hess = torch.autograd.functional.hessian(loss, flat0)
+    gi = _helpful_grads(model, x_train.double(), y_train, names)
+    gt = per_example_gradients(model, x_targets.double(), y_targets, param_names=names, dtype=torch.float64)
+    solved = torch.linalg.solve(hess + damping * torch.eye(len(flat0), dtype=hess.dtype), gt.T)  # (d, t)
+    return (gi @ solved).numpy()
+
+
+def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None,
+                 iters: int = 100, tol: float = 1e-8) -> np.ndarray:
+    """Influence by conjugate gradient on (H + damping I) v = grad f_x, all targets at once,
+    with Hessian-vector products (forward-over-reverse); never forms H. CG needs
+    H + damping I positive definite: a clear error says when damping is too small."""
+    model = model.eval().double()
+    names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
+    mask = torch.as_tensor(np.asarray(train_mask, bool))
+    loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
+    g = grad(loss)
+
+    hvp = vmap(lambda u: jvp(g, (flat0,), (u,))[1], in_dims=1, out_dims=1)
+
+    def hvp_block(v):  # v: (d, t)
+        return hvp(v) + damping * v
+
+    b = per_example_gradients(model, x_targets.double(), y_targets, param_names=names, dtype=torch.float64).T
+    v = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(0)
+    for _ in range(iters):
+        hp = hvp_block(p)
+        curvature = (p * hp).sum(0)
+        if bool((curvature <= 0).any()):
+            raise ValueError(f"H + damping I is not positive definite (the model's loss is non-convex here); raise damping above {damping}")
+        alpha = rs / curvature
+        v += alpha * p
+        r -= alpha * hp
+        rs_new = (r * r).sum(0)
+        if float(rs_new.max().sqrt()) <= tol * float(b.norm(dim=0).max()):
+            break
+        p = r + (rs_new / rs.clamp_min(1e-300)) * p
+        rs = rs_new
+    gi = _helpful_grads(model, x_train.double(), y_train, names)
+    return (gi @ v).numpy()
+
+
+def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """Mean margin with i minus without i over subset models: masks (m, n), margins (m, t) -> (n, t)."""
+    masks = np.asarray(masks, dtype=np.float64)
+    n_in = masks.sum(0)
+    n_out = len(masks) - n_in
+    if (n_in == 0).any() or (n_out == 0).any():
+        raise ValueError("every training example must be both in and out of some subset models")
+    mean_in = masks.T @ margins / n_in[:, None]
+    mean_out = (1 - masks).T @ margins / n_out[:, None]
+    return mean_in - mean_out
+
+
+METHODS = ("trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "tracin",
+           "representation_similarity", "influence_explicit", "influence_cg")

@@ -1,0 +1,86 @@
+"""Datamodel applications that retrain: counterfactual removals and brittleness
+(data support), METHODS.md section 2.
+
+Every function takes a ``retrain(masks) -> margins`` callable: masks (m, n) bool ->
+margins (m, T), averaged over however many models per mask the caller trains. The
+pipeline passes :func:`datalens.training.train_on_masks`; tests pass brute-force
+retrains of small problems.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+Retrain = Callable[[np.ndarray], np.ndarray]
+KINDS = ("top_positive", "top_negative", "random")
+
+
+def removal_set(weight: np.ndarray, k: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k training examples to remove for one target (weight: (n,))."""
+    if kind == "top_positive":
+        return np.argsort(-weight, kind="stable")[:k]
+    if kind == "top_negative":
+        return np.argsort(weight, kind="stable")[:k]
+    if kind == "random":
+        return rng.choice(len(weight), size=k, replace=False)
+    raise ValueError(f"kind={kind!r} is unknown; allowed values: {', '.join(KINDS)}")
+
+
+def counterfactual_removals(weight: np.ndarray, targets: np.ndarray, ks: list[int], retrain: Retrain,
+                            seed: int = 0) -> dict[str, np.ndarray]:
+    """For each target, k and kind, remove the set from the full training set, retrain,
+    and compare with the datamodel's predicted change ``-sum(weight[removed, target])``.
+
+    weight: (n, T). Returns flat arrays ``target``, ``k``, ``kind``, ``predicted``, ``actual``
+    (actual = retrained margin minus the full-data margin).
+    """
+    n = weight.shape[0]
+    rng = np.random.default_rng([seed, 17])
+    rows, masks = [], [np.ones(n, bool)]
+    for t in targets:
+        for k in ks:
+            for kind in KINDS:
+                removed = removal_set(weight[:, t], k, kind, rng)
+                mask = np.ones(n, bool)
+                mask[removed] = False
+                rows.append((t, k, kind, -weight[removed, t].sum()))
+                masks.append(mask)
+    margins = retrain(np.stack(masks))
+    base = margins[0]
+    return {
+        "target": np.array([r[0] for r in rows]), "k": np.array([r[1] for r in rows]),
+        "kind": np.array([r[2] for r in rows]), "predicted": np.array([r[3] for r in rows]),
+        "actual": np.array([margins[i + 1, r[0]] - base[r[0]] for i, r in enumerate(rows)]),
+    }
+
+
+def support_size(base_margin: np.ndarray, weight: np.ndarray, max_k: int) -> np.ndarray:
+    """Predicted data support (T,): the smallest k such that removing the target's k most
+    positively weighted examples is predicted to flip a correct prediction
+    (``base - sum(top-k weights) < 0``). 0 where the base prediction is already wrong,
+    -1 where no k <= max_k flips it."""
+    top = -np.sort(-weight, axis=0)[:max_k]  # (max_k, T) descending
+    after = base_margin[None, :] - np.cumsum(np.clip(top, 0, None), axis=0)
+    flipped = after < 0
+    k = np.where(flipped.any(0), flipped.argmax(0) + 1, -1)
+    return np.where(base_margin <= 0, 0, k)
+
+
+def flipped_fraction(k_star: np.ndarray, ks: list[int]) -> np.ndarray:
+    """Fraction of initially correct targets whose support is at most k, for each k."""
+    correct = k_star != 0
+    return np.array([float(((k_star[correct] > 0) & (k_star[correct] <= k)).mean()) if correct.any() else 0.0 for k in ks])
+
+
+def verify_support(weight: np.ndarray, k_star: np.ndarray, targets: np.ndarray, retrain: Retrain) -> np.ndarray:
+    """Retrain without each sampled target's predicted support set; True where the retrained
+    margin is indeed negative (the prediction flips). targets need k_star > 0."""
+    n = weight.shape[0]
+    masks = []
+    for t in targets:
+        mask = np.ones(n, bool)
+        mask[np.argsort(-weight[:, t], kind="stable")[: k_star[t]]] = False
+        masks.append(mask)
+    margins = retrain(np.stack(masks)) if masks else np.zeros((0, weight.shape[1]))
+    return np.array([margins[i, t] < 0 for i, t in enumerate(targets)], dtype=bool)

@@ -1,0 +1,251 @@
+"""Datamodels: for every target, a sparse linear model from a 0/1 training mask to the
+margin of a model trained on that subset (METHODS.md section 2).
+
+The solver fits all targets at once. It minimises, per target t,
+
+    1/(2N) * || y_t - ybar_t - Z w_t ||^2 + lambda_t * ||w_t||_1
+
+with Z the masks standardised by the training models' mean and std (scikit-learn's
+``Lasso`` objective on standardised features). It runs FISTA on the centred, standardised
+Gram matrix, so its cost per iteration is independent of the number of models. The
+Gram matrix is built by streaming blocks of models, so a store larger than memory fits.
+
+The path: per-target ``lambda_max = max_i |Z^T (y - ybar)|_i / N``, then a geometric
+grid of ``num_lambdas`` values down to ``eps * lambda_max``, with warm starts. Each
+target stops early once its validation MSE rises (after at least 10 lambdas and more
+than one non-zero weight). The best lambda is the one with the lowest validation MSE,
+then the fit is redone on train + validation models at that lambda.
+:class:`Datamodels` holds raw-space weights, so ``predict(masks)`` takes raw 0/1 masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Moments:
+    """Sufficient statistics of (masks X (N, n), margins Y (N, T)) for least squares."""
+
+    count: int
+    sx: np.ndarray  # (n,)
+    sy: np.ndarray  # (T,)
+    sxx: np.ndarray  # (n, n)
+    sxy: np.ndarray  # (n, T)
+    syy: np.ndarray  # (T,)
+
+    @classmethod
+    def from_blocks(cls, blocks: Iterable[tuple[np.ndarray, np.ndarray]], device: str = "cpu") -> "Moments":
+        acc = None
+        for x, y in blocks:
+            xt = torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)
+            yt = torch.as_tensor(np.asarray(y, dtype=np.float64), device=device)
+            part = [len(x), xt.sum(0), yt.sum(0), xt.T @ xt, xt.T @ yt, (yt * yt).sum(0)]
+            acc = part if acc is None else [a + b for a, b in zip(acc, part)]
+        if acc is None or acc[0] == 0:
+            raise ValueError("no models to fit datamodels on (zero rows)")
+        return cls(int(acc[0]), *[a.cpu().numpy() for a in acc[1:]])
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.count + other.count, self.sx + other.sx, self.sy + other.sy, self.sxx + other.sxx,
+                       self.sxy + other.sxy, self.syy + other.syy)
+
+    def standardised(self):
+        """mu (n,), sigma (n,), ybar (T,), C = Z^T Z / N (n, n), c = Z^T (y - ybar) / N (n, T)."""
+        n = self.count
+        mu = self.sx / n
+        var = np.diag(self.sxx) / n - mu * mu
+        sigma = np.sqrt(np.maximum(var, 0.0))
+        sigma[sigma < 1e-12] = 1.0  # an example in every (or no) mask carries no signal
+        ybar = self.sy / n
+        gram = (self.sxx / n - np.outer(mu, mu)) / np.outer(sigma, sigma)
+        cross = (self.sxy / n - np.outer(mu, ybar)) / sigma[:, None]
+        return mu, sigma, ybar, gram, cross
+
+    def mse(self, weights: np.ndarray, bias: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        """Mean squared error of raw-space predictions ``X @ weights + bias`` on these models,
+        for targets ``cols`` (default all): weights (n, len(cols)), bias (len(cols),)."""
+        cols = np.arange(len(self.sy)) if cols is None else cols
+        a, b = weights, bias
+        s_yhat = (a * self.sxy[:, cols]).sum(0) + b * self.sy[cols]
+        s_hat2 = (a * (self.sxx @ a)).sum(0) + 2 * b * (self.sx @ a) + self.count * b * b
+        return (self.syy[cols] - 2 * s_yhat + s_hat2) / self.count
+
+
+@dataclass
+class Datamodels:
+    """Fitted datamodels for T targets over n training examples.
+
+    weight: (n, T) raw-space weights; bias: (T,); lam: (T,) chosen lambda;
+    weight_std: (n, T) weights in standardised space; mu, sigma: (n,) the standardisation;
+    ybar: (T,) mean margin of the fitting models.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    lam: np.ndarray
+    weight_std: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    ybar: np.ndarray
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        """Predicted margins (m, T) for raw 0/1 masks (m, n)."""
+        return np.asarray(masks, dtype=np.float64) @ self.weight + self.bias
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, **self.__dict__)
+
+    @classmethod
+    def load(cls, path) -> "Datamodels":
+        with np.load(path) as f:
+            return cls(**{k: f[k] for k in f.files})
+
+
+def soft_threshold(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.clamp(x.abs() - t, min=0.0)
+
+
+def _lipschitz(gram: torch.Tensor, iters: int = 100) -> float:
+    v = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(iters):
+        v = gram @ v
+        v = v / v.norm()
+    return float(v @ (gram @ v)) * 1.01
+
+
+def lasso_fista(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w0: torch.Tensor | None = None,
+                max_iter: int = 500, tol: float = 1e-6, lipschitz: float | None = None) -> torch.Tensor:
+    """Solve min_w 1/2 w^T C w - c^T w + lam ||w||_1 for every column at once.
+
+    gram C: (n, n); cross c: (n, T); lam: (T,); returns w: (n, T). Stops when the
+    largest coordinate change is below ``tol`` times the largest weight.
+    """
+    L = lipschitz or _lipschitz(gram)
+    w = torch.zeros_like(cross) if w0 is None else w0.clone()
+    v, t = w.clone(), 1.0
+    thresh = (lam / L).unsqueeze(0)
+    for _ in range(max_iter):
+        w_next = soft_threshold(v - (gram @ v - cross) / L, thresh)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        delta = w_next - w
+        v = w_next + ((t - 1) / t_next) * delta
+        # restart momentum when it points uphill (O'Donoghue & Candes), keeps FISTA monotone in practice
+        if float((delta * (w_next - v + delta)).sum()) < 0:
+            t_next = 1.0
+        w, t = w_next, t_next
+        if float(delta.abs().max()) <= tol * max(float(w.abs().max()), 1e-12):
+            break
+    return w
+
+
+def lambda_grid(cross: np.ndarray, num: int, eps: float) -> np.ndarray:
+    """(num, T) geometric grids from each target's lambda_max = max_i |c_i| down to eps * lambda_max."""
+    lam_max = np.abs(cross).max(0)
+    return lam_max[None, :] * np.geomspace(1.0, eps, num)[:, None]
+
+
+def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: float = 1e-3, max_iter: int = 300,
+                   tol: float = 1e-5, device: str = "cpu", progress: bool = True) -> tuple[Datamodels, dict]:
+    """Fit along the path on ``train``, select each target's lambda on ``val``, refit on both.
+
+    Returns the datamodels and a diagnostics dict (val MSE path (num_lambdas, T), chosen index (T,)).
+    """
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    mu, sigma, ybar, gram_np, cross_np = train.standardised()
+    grid = lambda_grid(cross_np, num_lambdas, eps)
+    gram = torch.as_tensor(gram_np, dtype=dtype, device=device)
+    cross = torch.as_tensor(cross_np, dtype=dtype, device=device)
+    L = _lipschitz(gram)
+    n, T = cross.shape
+    w = torch.zeros((n, T), dtype=dtype, device=device)
+    val_mse = np.full((num_lambdas, T), np.nan)
+    best = np.full(T, np.inf)
+    best_idx = np.zeros(T, dtype=int)
+    active = np.ones(T, dtype=bool)
+    for k in tqdm(range(num_lambdas), desc="lasso path", disable=not progress):
+        cols = np.flatnonzero(active)
+        if len(cols) == 0:
+            break
+        cols_t = torch.as_tensor(cols, device=device)
+        lam_k = torch.as_tensor(grid[k, cols], dtype=dtype, device=device)
+        w_cols = lasso_fista(gram, cross[:, cols_t], lam_k, w[:, cols_t], max_iter, tol, L)
+        w[:, cols_t] = w_cols
+        raw = (w_cols.cpu().numpy() / sigma[:, None])
+        mse = val.mse(raw, ybar[cols] - mu @ raw, cols)
+        val_mse[k, cols] = mse
+        improved = mse < best[cols]
+        best[cols[improved]] = mse[improved]
+        best_idx[cols[improved]] = k
+        nonzero = (w_cols != 0).sum(0).cpu().numpy()
+        rising = (mse > best[cols]) & (k >= 10) & (nonzero > 1)
+        active[cols[rising]] = False
+    lam_train = grid[best_idx, np.arange(T)]
+    # refit on train + val at each target's chosen lambda; lambda is on the same 1/N scale
+    both = train + val
+    mu, sigma, ybar, gram_np, cross_np = both.standardised()
+    gram = torch.as_tensor(gram_np, dtype=dtype, device=device)
+    cross = torch.as_tensor(cross_np, dtype=dtype, device=device)
+    w_std = lasso_fista(gram, cross, torch.as_tensor(lam_train, dtype=dtype, device=device), w, max_iter * 2, tol).cpu().numpy()
+    weight = w_std / sigma[:, None]
+    dm = Datamodels(weight=weight, bias=ybar - mu @ weight, lam=lam_train, weight_std=w_std, mu=mu, sigma=sigma, ybar=ybar)
+    return dm, {"val_mse_path": val_mse, "best_index": best_idx, "lambda_grid": grid}
+
+
+def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of model indices into (train, val)."""
+    perm = np.random.default_rng([seed, 11]).permutation(num_models)
+    n_val = max(1, int(round(val_fraction * num_models)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def store_blocks(store, rows: np.ndarray, target: str = "test_margins", block: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (masks, margins) for ``rows`` of a store, ``block`` models at a time."""
+    for a in range(0, len(rows), block):
+        idx = rows[a:a + block]
+        yield store.read("masks", idx), store.read(target, idx)
+
+
+def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0.1, seed: int = 0, target: str = "test_margins",
+                   **kwargs) -> tuple[Datamodels, dict]:
+    """Fit datamodels on the first ``num_models`` completed models of a store (all by default)."""
+    done = np.flatnonzero(store.completed())
+    if num_models is not None:
+        if num_models > len(done):
+            raise ValueError(f"num_models={num_models} but the store holds only {len(done)} completed models")
+        done = done[:num_models]
+    tr, va = split_models(len(done), val_fraction, seed)
+    train = Moments.from_blocks(store_blocks(store, done[tr], target))
+    val = Moments.from_blocks(store_blocks(store, done[va], target))
+    return fit_datamodels(train, val, **kwargs)
+
+
+def heldout_arrays(eval_store, repeats: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From an evaluation store whose model j trained on mask j // repeats: masks (m, n),
+    margins averaged over repeats (m, t), and margins of repeat 0 alone (m, t)."""
+    done = eval_store.completed()
+    if not done.all():
+        raise ValueError(f"evaluation store {eval_store.url} is incomplete ({int(done.sum())}/{len(done)} models); rerun its stage")
+    margins = eval_store.read("test_margins", slice(None))
+    masks = eval_store.read("masks", slice(None))[::repeats]
+    per_mask = margins.reshape(len(masks), repeats, -1)
+    return masks, per_mask.mean(1), per_mask[:, 0]
+
+
+def evaluate_heldout(dm: Datamodels, masks: np.ndarray, actual_mean: np.ndarray, actual_single: np.ndarray) -> dict:
+    """Pooled Pearson and Spearman of predicted vs actual margins (all mask-target pairs), and LDS,
+    against margins averaged over repeats and against single models."""
+    from scipy import stats
+    from datalens.metrics import linear_datamodeling_score
+
+    pred = dm.predict(masks)
+    out = {}
+    for label, actual in (("mean", actual_mean), ("single", actual_single)):
+        out[f"pearson_{label}"] = float(stats.pearsonr(pred.ravel(), actual.ravel())[0])
+        out[f"spearman_{label}"] = float(stats.spearmanr(pred.ravel(), actual.ravel())[0])
+        out[f"lds_{label}"] = linear_datamodeling_score(dm.weight, masks, actual)
+    return out

@@ -1,0 +1,304 @@
+"""TRAK: attribution from a few models via randomly projected per-example gradients
+(METHODS.md section 4; Park et al., 2023, Algorithm 1).
+
+Per model m (a checkpoint of a subset model):
+
+* ``g_i = d f(z_i) / d theta`` (per-example, ``torch.func.vmap(grad)``), over all
+  parameters or a named subset (only the gradients asked for are computed);
+* ``phi_i = P_m^T g_i`` with P_m a seeded d x k JL matrix, generated in fixed chunks of
+  rows, so any projection block size gives the same P and the whole matrix is never
+  held when it would not fit;
+* ``Q_i = 1 - p_i`` (the out-to-loss term of the margin).
+
+Scores: ``tau = diag(avg_m Q_m) * avg_m [ Phi_m (Phi_m^T Phi_m + lambda_m I)^{-1} phi_m(x) ]``
+with ``lambda_m = ridge * trace(Phi_m^T Phi_m) / k``, a ridge relative to the kernel's
+spectrum (without it the kernel is singular once k nears n). ``ridge`` is chosen on
+validation subset models that the LDS evaluation never sees. Optional soft-thresholding
+``S(tau, t) = sign(tau) max(|tau| - t, 0)``, with t also chosen on validation models
+(the paper has it; the public library does not).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from datalens.training import margins_from_logits
+
+PROJECTION_CHUNK = 1024  # rows of P per seeded generator call; fixes P independently of block size
+
+
+class ModelOutput:
+    """What the model outputs for attribution, and its out-to-loss term.
+
+    Subclass for other tasks: ``output`` returns one scalar per example (the function
+    attributed), ``out_to_loss`` the derivative factor Q of the loss in that output.
+    """
+
+    def output(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def out_to_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClassificationMargin(ModelOutput):
+    """f = logit_y - logsumexp_{j != y} logit_j = log(p / (1 - p)); Q = 1 - p, so that
+    dLoss/df = -Q for the cross-entropy loss."""
+
+    def output(self, logits, y):
+        return margins_from_logits(logits, y)
+
+    def out_to_loss(self, logits, y):
+        return 1.0 - torch.softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def per_example_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: ModelOutput | None = None,
+                          param_names: Sequence[str] | None = None, chunk: int = 256,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gradients of ``task.output`` per example w.r.t. the named parameters (all by default).
+
+    x: (n, *input_shape); y: (n,). Returns (n, d) with d the total size of those
+    parameters, in ``named_parameters`` order. Only the asked-for gradients are
+    computed: other parameters enter as constants.
+    """
+    task = task or ClassificationMargin()
+    model = model.eval()
+    all_params = dict(model.named_parameters())
+    names = list(param_names) if param_names is not None else list(all_params)
+    unknown = [n for n in names if n not in all_params]
+    if unknown:
+        raise ValueError(f"param_names {unknown} are not parameters of the model; it has: {', '.join(all_params)}")
+    wrt = {n: all_params[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in all_params.items() if n not in wrt}
+    frozen.update(dict(model.named_buffers()))
+
+    def f(p, xi, yi):
+        logits = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
+        return task.output(logits, yi.unsqueeze(0))[0]
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))
+    out = []
+    for a in range(0, len(x), chunk):
+        grads = g(wrt, x[a:a + chunk], y[a:a + chunk])
+        out.append(torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], 1).to(dtype))
+    return torch.cat(out)
+
+
+def out_to_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: ModelOutput | None = None) -> torch.Tensor:
+    task = task or ClassificationMargin()
+    with torch.no_grad():
+        return task.out_to_loss(model.eval()(x), y)
+
+
+@dataclass(frozen=True)
+class Projector:
+    """A seeded d x k Johnson-Lindenstrauss matrix, never materialised whole.
+
+    Entries are ±1/sqrt(k) (rademacher) or N(0, 1/k) (gaussian), so E[P P^T] = I and
+    inner products are preserved in expectation. Row chunk c of model m comes from a
+    generator seeded by (seed, m, c).
+    """
+
+    dim: int  # d
+    proj_dim: int  # k
+    seed: int = 0
+    model_index: int = 0
+    kind: str = "rademacher"
+    block_rows: int = 8 * PROJECTION_CHUNK  # rows of P held at once
+
+    def __post_init__(self):
+        if self.kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"trak.proj_type={self.kind!r} is not allowed; allowed values: rademacher, gaussian")
+        if self.proj_dim < 1:
+            raise ValueError(f"trak.proj_dims must be >= 1, got {self.proj_dim}")
+
+    def _chunk(self, c: int, device, dtype) -> torch.Tensor:
+        rows = min(PROJECTION_CHUNK, self.dim - c * PROJECTION_CHUNK)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.model_index, c, 5]).generate_state(1)[0]))
+        if self.kind == "gaussian":
+            block = torch.randn(rows, self.proj_dim, generator=gen)
+        else:
+            block = torch.randint(0, 2, (rows, self.proj_dim), generator=gen).float() * 2 - 1
+        return (block / self.proj_dim ** 0.5).to(device=device, dtype=dtype)
+
+    def matrix(self, rows: slice | None = None) -> torch.Tensor:
+        """P (or some of its rows) as a dense tensor: for tests and small d only."""
+        full = torch.cat([self._chunk(c, "cpu", torch.float32) for c in range(-(-self.dim // PROJECTION_CHUNK))])
+        return full if rows is None else full[rows]
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """(n, d) -> (n, k), holding at most ``block_rows`` rows of P at a time."""
+        if g.shape[1] != self.dim:
+            raise ValueError(f"gradients have {g.shape[1]} columns, the projector expects d={self.dim}")
+        out = torch.zeros(g.shape[0], self.proj_dim, device=g.device, dtype=g.dtype)
+        per_block = max(1, self.block_rows // PROJECTION_CHUNK)
+        n_chunks = -(-self.dim // PROJECTION_CHUNK)
+        for c0 in range(0, n_chunks, per_block):
+            cs = range(c0, min(c0 + per_block, n_chunks))
+            p = torch.cat([self._chunk(c, g.device, g.dtype) for c in cs])
+            a = c0 * PROJECTION_CHUNK
+            out += g[:, a:a + p.shape[0]] @ p
+        return out
+
+
+@dataclass
+class ModelFeatures:
+    """One model's TRAK features: train (n, k), targets (t, k), Q (n,)."""
+
+    train: torch.Tensor
+    targets: torch.Tensor
+    q: torch.Tensor
+
+
+def featurize(model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim: int | None, seed: int, model_index: int,
+              kind: str = "rademacher", param_names: Sequence[str] | None = None, task: ModelOutput | None = None,
+              chunk: int = 256, dtype: torch.dtype = torch.float32) -> ModelFeatures:
+    """Projected per-example gradients of one model, for training and target examples."""
+    task = task or ClassificationMargin()
+    feats = []
+    projector = None
+    for x, y in ((x_train, y_train), (x_targets, y_targets)):
+        parts = []
+        for a in range(0, len(x), chunk):
+            g = per_example_gradients(model, x[a:a + chunk], y[a:a + chunk], task, param_names, chunk, dtype)
+            if proj_dim is None:  # no projection: the raw gradients (small models, tests)
+                parts.append(g)
+                continue
+            projector = projector or Projector(g.shape[1], proj_dim, seed, model_index, kind)
+            parts.append(projector.project(g))
+        feats.append(torch.cat(parts))
+    return ModelFeatures(feats[0], feats[1], out_to_loss(model, x_train, y_train, task))
+
+
+def kernel_terms(f: ModelFeatures, ridge: float, target_block: int = 4096) -> torch.Tensor:
+    """One model's ``Phi (Phi^T Phi + lambda I)^{-1} phi(x)``: (n, t), with lambda = ridge * trace / k.
+    Targets go in blocks, so the (k, t) solve never exceeds one block."""
+    phi = f.train.double()
+    kern = phi.T @ phi
+    lam = ridge * torch.trace(kern) / kern.shape[0]
+    chol = torch.linalg.cholesky(kern + lam * torch.eye(kern.shape[0], dtype=kern.dtype, device=kern.device))
+    out = torch.empty(phi.shape[0], f.targets.shape[0], dtype=torch.float64, device=phi.device)
+    for a in range(0, f.targets.shape[0], target_block):
+        rhs = f.targets[a:a + target_block].double().T  # (k, b)
+        out[:, a:a + rhs.shape[1]] = phi @ torch.cholesky_solve(rhs, chol)
+    return out
+
+
+def trak_scores(features: Sequence[ModelFeatures], ridge: float) -> np.ndarray:
+    """Algorithm 1 without thresholding: (n, t) = diag(mean Q) * mean_m kernel_terms."""
+    if not features:
+        raise ValueError("TRAK needs at least one model (trak.num_models >= 1)")
+    acc = sum(kernel_terms(f, ridge) for f in features) / len(features)
+    q = sum(f.q.double() for f in features) / len(features)
+    return (q[:, None] * acc).cpu().numpy()
+
+
+def soft_threshold(scores: np.ndarray, threshold: float) -> np.ndarray:
+    return np.sign(scores) * np.maximum(np.abs(scores) - threshold, 0.0)
+
+
+def select_by_lds(candidates: dict, masks: np.ndarray, actual: np.ndarray) -> tuple:
+    """The key of the candidate scores (n, t) with the best LDS on validation (masks, actual)."""
+    from datalens.metrics import linear_datamodeling_score
+    lds = {key: linear_datamodeling_score(s, masks, actual) for key, s in candidates.items()}
+    best = max(lds, key=lambda k: -np.inf if np.isnan(lds[k]) else lds[k])
+    return best, lds
+
+
+# --- features of stored checkpoints: resumable per model, fanned out through the executor ---
+
+@dataclass(frozen=True)
+class FeatureJob:
+    """Featurize checkpoints of a subset run for every projection dimension in ``proj_dims``."""
+
+    run: object  # datalens.training.SubsetRun whose store holds the checkpoints
+    store: str  # where the features go
+    proj_dims: tuple[int, ...]
+    proj_type: str = "rademacher"
+    seed: int = 0
+    param_names: tuple[str, ...] | None = None
+
+
+def open_feature_store(job: FeatureJob, num_models: int, n_train: int, n_targets: int):
+    """Create or reopen the feature store; refuse one made by other params."""
+    import zarr
+    identity = {"train_store": job.run.store, "proj_dims": list(job.proj_dims), "proj_type": job.proj_type, "seed": job.seed,
+                "param_names": list(job.param_names) if job.param_names else None, "run": job.run.identity()}
+    try:
+        group = zarr.open_group(job.store, mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        group = zarr.open_group(job.store, mode="w")
+        for k in job.proj_dims:
+            group.create_array(f"train_k{k}", shape=(num_models, n_train, k), chunks=(1, n_train, k), dtype="float32")
+            group.create_array(f"targets_k{k}", shape=(num_models, n_targets, k), chunks=(1, n_targets, k), dtype="float32")
+        group.create_array("q", shape=(num_models, n_train), chunks=(1, n_train), dtype="float32")
+        group.create_array("seconds", shape=(num_models,), chunks=(1,), dtype="float64")
+        group.create_array("completed", shape=(num_models,), chunks=(1,), dtype="bool", fill_value=False)
+        group.attrs["identity"] = identity
+        return group
+    from datalens.store import StoreError, _jsonable
+    if _jsonable(identity) != dict(group.attrs.get("identity", {})):
+        raise StoreError(f"feature store {job.store} was made with other params ({dict(group.attrs.get('identity', {}))}); "
+                         "delete it or point trak.store elsewhere")
+    if group["completed"].shape[0] < num_models:
+        for name in group.array_keys():
+            group[name].resize((num_models, *group[name].shape[1:]))
+    return group
+
+
+def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
+    """Featurize checkpoint ``model_index`` at every k and write it; completed is set last."""
+    import time
+    import zarr
+    from datalens.store import open_existing
+    from datalens.training import cached_dataset, resolve_device, unflatten_state
+
+    t0 = time.perf_counter()
+    run = job.run
+    ds = cached_dataset(run.dataset, run.data_root)
+    device = resolve_device(run.device)
+    model = run.build_model(ds)
+    model.load_state_dict(unflatten_state(open_existing(run.store).checkpoint(model_index), model))
+    model = model.to(device).eval()
+    x_tr, y_tr = torch.as_tensor(ds.x_train, device=device), torch.as_tensor(ds.y_train, device=device)
+    x_te, y_te = torch.as_tensor(ds.x_test, device=device), torch.as_tensor(ds.y_test, device=device)
+    g_tr = per_example_gradients(model, x_tr, y_tr, param_names=job.param_names)
+    g_te = per_example_gradients(model, x_te, y_te, param_names=job.param_names)
+    group = zarr.open_group(job.store, mode="r+")
+    for k in job.proj_dims:  # one gradient pass serves every k
+        proj = Projector(g_tr.shape[1], k, job.seed, model_index, job.proj_type)
+        group[f"train_k{k}"][model_index] = proj.project(g_tr).cpu().numpy()
+        group[f"targets_k{k}"][model_index] = proj.project(g_te).cpu().numpy()
+    group["q"][model_index] = out_to_loss(model, x_tr, y_tr).cpu().numpy()
+    group["seconds"][model_index] = time.perf_counter() - t0
+    group["completed"][model_index] = True
+    return {"model": model_index, "seconds": time.perf_counter() - t0}
+
+
+def featurize_checkpoints(job: FeatureJob, num_models: int, executor=None, progress: bool = True):
+    """Featurize checkpoints 0..num_models-1 that the feature store lacks. Returns the zarr group."""
+    import numpy as np
+    from tqdm.auto import tqdm
+    from datalens.execution import LocalExecutor
+    from datalens.training import cached_dataset
+
+    if num_models > job.run.num_checkpoints:
+        raise ValueError(f"TRAK asks for {num_models} models but train.num_checkpoints={job.run.num_checkpoints}; raise it")
+    ds = cached_dataset(job.run.dataset, job.run.data_root)
+    group = open_feature_store(job, num_models, ds.n_train, ds.n_test)
+    todo = [m for m in range(num_models) if not group["completed"][m]]
+    executor = executor or LocalExecutor()
+    with tqdm(total=num_models, initial=num_models - len(todo), unit="model", desc="TRAK features", disable=not progress) as bar:
+        for _ in executor.map_unordered(featurize_checkpoint, [(job, m) for m in todo], describe=lambda a: f"checkpoint {a[1]}"):
+            bar.update(1)
+    return group
+
+
+def load_features(group, models: Sequence[int], proj_dim: int) -> list[ModelFeatures]:
+    return [ModelFeatures(torch.as_tensor(group[f"train_k{proj_dim}"][m]), torch.as_tensor(group[f"targets_k{proj_dim}"][m]),
+                          torch.as_tensor(group["q"][m])) for m in models]

@@ -1,0 +1,86 @@
+"""Each baseline against a direct computation on a tiny model."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datalens.attribution import (
+    empirical_influence, grad_cosine, grad_dot, influence_cg, influence_explicit, representation_similarity, tracin,
+)
+from datalens.training import margins_from_logits
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(25, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (25,))
+    return model, x[:20], y[:20], x[20:], y[20:]
+
+
+def _grad_of(scalar, model):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(scalar, list(model.parameters()))])
+
+
+def _direct_vectors(model, x_tr, y_tr, x_t, y_t):
+    """-grad L_i and grad f_x one example at a time, with plain autograd."""
+    helpful = torch.stack([-_grad_of(F.cross_entropy(model(x_tr[i:i + 1]), y_tr[i:i + 1]), model) for i in range(len(x_tr))])
+    target = torch.stack([_grad_of(margins_from_logits(model(x_t[j:j + 1]), y_t[j:j + 1])[0], model) for j in range(len(x_t))])
+    return helpful, target
+
+
+def test_grad_dot_cosine_and_tracin_match_direct_loops():
+    model, x_tr, y_tr, x_t, y_t = _tiny()
+    helpful, target = _direct_vectors(model, x_tr, y_tr, x_t, y_t)
+    np.testing.assert_allclose(grad_dot(model, x_tr, y_tr, x_t, y_t), (helpful @ target.T).numpy(), rtol=1e-8, atol=1e-12)
+    cos = (F.normalize(helpful, dim=1) @ F.normalize(target, dim=1).T).numpy()
+    np.testing.assert_allclose(grad_cosine(model, x_tr, y_tr, x_t, y_t), cos, rtol=1e-8, atol=1e-12)
+    other = _tiny(seed=1)[0]
+    h2, t2 = _direct_vectors(other, x_tr, y_tr, x_t, y_t)
+    expected = 0.5 * (helpful @ target.T) + 0.1 * (h2 @ t2.T)
+    np.testing.assert_allclose(tracin([model, other], [0.5, 0.1], x_tr, y_tr, x_t, y_t), expected.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_influence_explicit_and_cg_match_the_inverse_hessian_formula():
+    model, x_tr, y_tr, x_t, y_t = _tiny()
+    mask = np.arange(20) % 3 != 0
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    sizes = [p.numel() for p in params]
+    shapes = [p.shape for p in params]
+
+    def loss(v):
+        w1, b1, w2, b2 = (t.reshape(s) for t, s in zip(torch.split(v, sizes), shapes))
+        h = torch.tanh(x_tr[mask] @ w1.T + b1)
+        return F.cross_entropy(h @ w2.T + b2, y_tr[mask])
+
+    hess = torch.autograd.functional.hessian(loss, flat).numpy()
+    helpful, target = _direct_vectors(model, x_tr, y_tr, x_t, y_t)
+    damping = 0.05
+    expected = helpful.numpy() @ np.linalg.inv(hess + damping * np.eye(len(hess))) @ target.numpy().T
+    np.testing.assert_allclose(influence_explicit(model, x_tr, y_tr, mask, x_t, y_t, damping), expected, rtol=1e-6, atol=1e-9)
+    lowest = np.linalg.eigvalsh(hess).min()
+    damping_pd = max(0.0, -lowest) + 0.05  # CG needs a positive definite system
+    expected_pd = helpful.numpy() @ np.linalg.inv(hess + damping_pd * np.eye(len(hess))) @ target.numpy().T
+    np.testing.assert_allclose(influence_cg(model, x_tr, y_tr, mask, x_t, y_t, damping_pd, iters=300, tol=1e-12), expected_pd,
+                               rtol=1e-5, atol=1e-7)
+    if lowest + damping < 0:
+        with pytest.raises(ValueError, match="not positive definite"):
+            influence_cg(model, x_tr, y_tr, mask, x_t, y_t, damping)
+
+
+def test_representation_similarity_is_cosine_of_penultimate_features():
+    model, x_tr, _, x_t, _ = _tiny()
+    with torch.no_grad():
+        a, b = torch.tanh(model[0](x_tr)), torch.tanh(model[0](x_t))
+    expected = np.array([[float(F.cosine_similarity(ai, bj, dim=0)) for bj in b] for ai in a])
+    np.testing.assert_allclose(representation_similarity(model, x_tr, x_t), expected, rtol=1e-10)
+
+
+def test_empirical_influence_matches_a_loop():
+    rng = np.random.default_rng(0)
+    masks = rng.random((40, 6)) < 0.5
+    margins = rng.normal(size=(40, 3))
+    expected = np.array([[margins[masks[:, i], t].mean() - margins[~masks[:, i], t].mean() for t in range(3)] for i in range(6)])
+    np.testing.assert_allclose(empirical_influence(masks, margins), expected, rtol=1e-12)

@@ -1,0 +1,56 @@
+"""Counterfactual and brittleness code against brute-force retrains of a tiny problem whose
+"training" is exact: a model's margin is a known linear function of its training set."""
+import numpy as np
+
+from datalens.counterfactuals import counterfactual_removals, flipped_fraction, support_size, verify_support
+from datalens.datamodels import Moments, fit_datamodels
+
+rng = np.random.default_rng(0)
+N_TRAIN, TARGETS = 30, 5
+TRUE_W = rng.normal(0, 0.3, (N_TRAIN, TARGETS)) * (rng.random((N_TRAIN, TARGETS)) < 0.4)
+TRUE_B = rng.uniform(-0.5, 1.5, TARGETS)
+calls = []
+
+
+def retrain(masks):
+    calls.append(len(masks))
+    return masks.astype(float) @ TRUE_W + TRUE_B
+
+
+def _fitted():
+    x = (rng.random((3000, N_TRAIN)) < 0.5).astype(float)
+    y = x @ TRUE_W + TRUE_B + 0.01 * rng.standard_normal((3000, TARGETS))
+    dm, _ = fit_datamodels(Moments.from_blocks([(x[:2500], y[:2500])]), Moments.from_blocks([(x[2500:], y[2500:])]),
+                           num_lambdas=30, eps=1e-4, progress=False)
+    return dm
+
+
+def test_counterfactual_prediction_matches_brute_force_retrain():
+    dm = _fitted()
+    res = counterfactual_removals(dm.weight, np.arange(TARGETS), [1, 3, 5], retrain)
+    assert len(res["actual"]) == TARGETS * 3 * 3 and calls[-1] == 1 + TARGETS * 9  # one batched retrain
+    np.testing.assert_allclose(res["predicted"], res["actual"], atol=0.02)
+    # removing the top positive examples lowers the margin, the top negative ones raise it
+    pos = res["kind"] == "top_positive"
+    assert (res["actual"][pos] <= 1e-9).all() and (res["actual"][res["kind"] == "top_negative"] >= -1e-9).all()
+
+
+def test_support_size_equals_brute_force_search():
+    dm = _fitted()
+    base = retrain(np.ones((1, N_TRAIN), bool))[0]
+    k_star = support_size(base, dm.weight, N_TRAIN)
+    for t in range(TARGETS):
+        order = np.argsort(-TRUE_W[:, t])
+        brute = 0 if base[t] <= 0 else -1
+        for k in range(1, N_TRAIN + 1):
+            if brute != -1:
+                break
+            mask = np.ones(N_TRAIN, bool)
+            mask[order[:k]] = False
+            if retrain(mask[None])[0, t] < 0:
+                brute = k
+        assert k_star[t] == brute, (t, k_star[t], brute)
+    flippable = np.flatnonzero(k_star > 0)
+    assert verify_support(dm.weight, k_star, flippable, retrain).all()
+    frac = flipped_fraction(k_star, [1, 5, N_TRAIN])
+    assert np.all(np.diff(frac) >= 0) and frac[-1] == ((k_star > 0).sum() / (k_star != 0).sum())

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Lasso
+
+from datalens.datamodels import Moments, fit_datamodels, lasso_fista
+
+
+def _planted(n_models=1200, n=60, targets=4, k=5, noise=0.1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n_models, n)) < 0.5).astype(float)
+    w = np.zeros((n, targets))
+    for t in range(targets):
+        idx = rng.choice(n, k, replace=False)
+        w[idx, t] = rng.choice([-1, 1], k) * rng.uniform(0.5, 1.5, k)
+    y = x @ w + 0.3 + noise * rng.standard_normal((n_models, targets))
+    return x, y, w
+
+
+def test_objective_at_fixed_lambda_matches_sklearn_lasso():
+    x, y, _ = _planted(n_models=300, n=40, targets=3, noise=0.5)
+    mom = Moments.from_blocks([(x[:150], y[:150]), (x[150:], y[150:])])  # streamed in two blocks
+    mu, sigma, ybar, gram, cross = mom.standardised()
+    z = (x - mu) / sigma
+    lam = 0.05
+    ours = lasso_fista(torch.tensor(gram), torch.tensor(cross), torch.full((3,), lam, dtype=torch.float64),
+                       max_iter=20000, tol=1e-10).numpy()
+
+    def objective(w, t):
+        r = y[:, t] - ybar[t] - z @ w
+        return r @ r / (2 * len(y)) + lam * np.abs(w).sum()
+
+    for t in range(3):
+        sk = Lasso(alpha=lam, fit_intercept=True, tol=1e-12, max_iter=100000).fit(z, y[:, t])
+        assert objective(ours[:, t], t) == pytest.approx(objective(sk.coef_, t), rel=1e-7)
+        assert set(np.flatnonzero(np.abs(ours[:, t]) > 1e-8)) == set(np.flatnonzero(np.abs(sk.coef_) > 1e-8))
+
+
+def test_planted_sparse_model_is_recovered():
+    x, y, w_true = _planted()
+    tr, va = slice(0, 1000), slice(1000, None)
+    dm, diag = fit_datamodels(Moments.from_blocks([(x[tr], y[tr])]), Moments.from_blocks([(x[va], y[va])]),
+                              num_lambdas=40, eps=1e-3, progress=False)
+    big = np.abs(dm.weight) > 0.1
+    assert np.array_equal(big, w_true != 0)
+    np.testing.assert_allclose(dm.weight[w_true != 0], w_true[w_true != 0], atol=0.06)
+    np.testing.assert_allclose(dm.bias, 0.3, atol=0.1)
+    assert diag["val_mse_path"].shape == (40, 4)
+
+
+def test_predict_on_raw_masks_equals_the_standardised_fit():
+    x, y, _ = _planted(n_models=400, n=30, targets=2, noise=0.3)
+    dm, _ = fit_datamodels(Moments.from_blocks([(x[:300], y[:300])]), Moments.from_blocks([(x[300:], y[300:])]),
+                           num_lambdas=20, progress=False)
+    masks = (np.random.default_rng(5).random((7, 30)) < 0.5).astype(float)
+    standardised = dm.ybar + ((masks - dm.mu) / dm.sigma) @ dm.weight_std
+    np.testing.assert_allclose(dm.predict(masks), standardised, rtol=1e-10, atol=1e-10)
+
+
+def test_moments_mse_equals_direct_mse():
+    x, y, w = _planted(n_models=50, n=10, targets=2)
+    mom = Moments.from_blocks([(x, y)])
+    direct = ((x @ w + 0.1 - y) ** 2).mean(0)
+    np.testing.assert_allclose(mom.mse(w, np.full(2, 0.1)), direct, rtol=1e-10)
+
+
+def test_zero_models_is_refused():
+    with pytest.raises(ValueError, match="zero rows"):
+        Moments.from_blocks([])

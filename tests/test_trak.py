@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from datalens.metrics import linear_datamodeling_score
+from datalens.trak import Projector, featurize, per_example_gradients, soft_threshold, trak_scores
+
+
+def _logreg(seed=0, d=6, c=3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, c)).double()
+    x = torch.randn(40, d, dtype=torch.float64)
+    y = torch.randint(0, c, (40,))
+    return model, x, y
+
+
+def _closed_form_grads(W, b, x, y):
+    """d margin / d (W, b) for a linear softmax model, by hand: df/dz_j = [j = y] - [j != y] softmax_{others}(z)_j."""
+    z = x @ W.T + b
+    out = []
+    for zi, xi, yi in zip(z, x, y):
+        others = np.delete(np.arange(len(zi)), yi)
+        s = np.exp(zi[others] - zi[others].max())
+        s /= s.sum()
+        dz = np.zeros_like(zi)
+        dz[yi] = 1.0
+        dz[others] = -s
+        out.append(np.concatenate([np.outer(dz, xi).ravel(), dz]))
+    return np.array(out)
+
+
+def test_unprojected_trak_on_logistic_regression_equals_the_closed_form():
+    model, x, y = _logreg()
+    W, b = model[0].weight.detach().double().numpy(), model[0].bias.detach().double().numpy()
+    xt, yt = x[:30], y[:30]
+    xs, ys = x[30:], y[30:]
+    g_train = _closed_form_grads(W, b, xt.double().numpy(), yt.numpy())
+    g_test = _closed_form_grads(W, b, xs.double().numpy(), ys.numpy())
+    p = np.exp(xt.double().numpy() @ W.T + b)
+    p /= p.sum(1, keepdims=True)
+    q = 1 - p[np.arange(30), yt.numpy()]
+    kern = g_train.T @ g_train
+    lam = 0.1 * np.trace(kern) / kern.shape[0]
+    expected = q[:, None] * (g_train @ np.linalg.solve(kern + lam * np.eye(len(kern)), g_test.T))
+
+    feats = featurize(model, xt, yt, xs, ys, proj_dim=None, seed=0, model_index=0, dtype=torch.float64)
+    np.testing.assert_allclose(feats.train.numpy(), g_train, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(trak_scores([feats], ridge=0.1), expected, rtol=1e-6, atol=1e-10)
+    # the ensemble of two identical models equals one model
+    np.testing.assert_allclose(trak_scores([feats, feats], ridge=0.1), expected, rtol=1e-6, atol=1e-10)
+
+
+def test_projector_preserves_inner_products_and_is_reproducible():
+    d, k = 3000, 2048
+    g = torch.randn(20, d, dtype=torch.float64)
+    proj = Projector(d, k, seed=3, model_index=1)
+    phi = proj.project(g.float()).double()
+    gram, pgram = g @ g.T, phi @ phi.T
+    norms = torch.sqrt(torch.diag(gram))
+    rel = (pgram - gram) / torch.outer(norms, norms)
+    assert rel.abs().max() < 4 * (2 / k) ** 0.5 * 2  # JL: error of order sqrt(2/k) of the norms' product
+    # the same P whatever the block size, and the dense matrix gives the same result
+    small_blocks = Projector(d, k, seed=3, model_index=1, block_rows=1024).project(g.float())
+    torch.testing.assert_close(small_blocks, phi.float(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(g.float() @ proj.matrix(), phi.float(), rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(Projector(d, k, seed=3, model_index=2).project(g.float()), phi.float())
+    gauss = Projector(d, 512, seed=0, kind="gaussian").matrix()
+    assert abs(float(gauss.std()) - 512 ** -0.5) < 0.05 * 512 ** -0.5
+
+
+def test_parameter_subset_gradients_equal_the_slice_of_full_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    full = per_example_gradients(model, x, y)
+    sub = per_example_gradients(model, x, y, param_names=["2.weight", "2.bias"])
+    n_first = 5 * 7 + 7
+    torch.testing.assert_close(sub, full[:, n_first:])
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        per_example_gradients(model, x, y, param_names=["9.weight"])
+
+
+def test_lds_of_random_scores_is_near_zero_and_of_the_true_datamodel_near_one():
+    rng = np.random.default_rng(0)
+    n, t, m = 200, 30, 300
+    w = rng.normal(size=(n, t)) * (rng.random((n, t)) < 0.1)
+    masks = (rng.random((m, n)) < 0.5).astype(float)
+    actual = masks @ w + 0.05 * rng.normal(size=(m, t))
+    assert linear_datamodeling_score(w, masks, actual) > 0.95
+    assert abs(linear_datamodeling_score(rng.normal(size=(n, t)), masks, actual)) < 0.05
+
+
+def test_soft_threshold():
+    np.testing.assert_allclose(soft_threshold(np.array([-2.0, -0.5, 0.2, 3.0]), 1.0), [-1.0, 0.0, 0.0, 2.0])
