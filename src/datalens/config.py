@@ -161,6 +161,10 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "trak.proj_type": _choice("rademacher", "gaussian"),
     "trak.ridge_grid": _float_list(0.0),
     "trak.num_val_models": _int(1),
+    "trak.store": _str,
+    "attribution.ensemble_sizes": _int_list(1),
+    "attribution.dampings": _float_list(0.0),
+    "attribution.tracin_epochs": _int_list(1),
 }
 
 

@@ -99,3 +99,21 @@ def top_attributed(scores: np.ndarray, targets, images_test, images_train, label
         for i in np.argsort(scores[:, t])[:k]:
             imgs.append(images_train[i]); titles.append(f"{scores[i, t]:.2f} y={labels_train[i]}")
     return image_grid(imgs, titles, path, ncols=1 + 2 * k)
+
+
+def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = None) -> Path:
+    """LDS of every method against wall seconds and against trained models (log x)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    methods = sorted({r["method"] for r in records})
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    for ax, key, label in ((axes[0], "seconds", "compute (wall seconds on this machine)"), (axes[1], "models", "trained models")):
+        for m in methods:
+            rs = [r for r in records if r["method"] == m and (m != "trak" or trak_proj_dim is None or r.get("proj_dim") == trak_proj_dim)]
+            rs.sort(key=lambda r: r[key])
+            ax.plot([r[key] for r in rs], [r["lds"] for r in rs], marker="o", label=m, color=palette[m])
+        ax.set_xscale("log")
+        ax.set(xlabel=label)
+    axes[0].set_ylabel("LDS (held-out models)")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle("Linear datamodeling score vs compute")
+    return _save(fig, path)

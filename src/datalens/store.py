@@ -5,6 +5,7 @@ Layout (N models, n train examples, t test examples, B models per block)::
     masks          (N, n) bool     chunks (B, n)
     test_margins   (N, t) float32  chunks (B, t)
     train_margins  (N, n) float32  chunks (B, n)
+    test_accuracy  (N,)   float32  chunks (B,)     argmax accuracy on the test set
     completed      (N,)   bool     chunks (B,)
     checkpoints    (K, P) float32  chunks (1, P)   weights of models 0..K-1 (flattened state dicts)
 
@@ -24,8 +25,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-FORMAT_VERSION = 1
-DATA_ARRAYS = ("masks", "test_margins", "train_margins")
+FORMAT_VERSION = 2
+DATA_ARRAYS = ("masks", "test_margins", "train_margins", "test_accuracy")
 
 
 class StoreError(RuntimeError):
@@ -94,6 +95,7 @@ class SubsetStore:
         group.create_array("masks", shape=(s.num_models, s.n_train), chunks=(b, s.n_train), dtype="bool", fill_value=False)
         for name, width in (("test_margins", s.n_test), ("train_margins", s.n_train)):
             group.create_array(name, shape=(s.num_models, width), chunks=(b, width), dtype="float32", fill_value=np.nan)
+        group.create_array("test_accuracy", shape=(s.num_models,), chunks=(b,), dtype="float32", fill_value=np.nan)
         group.create_array("completed", shape=(s.num_models,), chunks=(b,), dtype="bool", fill_value=False)
         if s.num_checkpoints:
             group.create_array("checkpoints", shape=(s.num_checkpoints, s.num_params), chunks=(1, s.num_params), dtype="float32", fill_value=np.nan)

@@ -12,7 +12,8 @@ the held-out evaluation uses to average out training noise.
 **Margin** (METHODS.md section 1, *choice*): ``logit_y - logsumexp_{j != y} logit_j``
 (``= log p_y / (1 - p_y)``), the definition TRAK and KLoM use, so one margin
 serves datamodels, TRAK's LDS and unlearning alike. It is positive exactly when
-the prediction is correct.
+p_y > 1/2 (which implies a correct prediction; with many classes a correct one can
+still have p_y < 1/2, so accuracy is recorded separately, from the argmax).
 
 Models whose architecture has no buffers (MLP, small CNN) train *batched*: the
 block's weights are stacked and one ``torch.func.vmap``-ed forward trains all of
@@ -140,6 +141,7 @@ class TrainedModels:
     base: nn.Module
     params: dict[str, torch.Tensor] | None = None  # stacked (M, ...) when batched
     modules: list[nn.Module] = field(default_factory=list)
+    snapshots: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)  # per model, per snapshot epoch
 
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0] if self.params is not None else len(self.modules)
@@ -182,6 +184,7 @@ def train_models(
     batched: bool | None = None,
     model_ids: Sequence[int] | None = None,
     stack_size: int = 8,
+    snapshot_epochs: Sequence[int] = (),
 ) -> TrainedModels:
     """Train ``models[i]`` on ``x[masks[i]]`` (in place for the loop path).
 
@@ -189,7 +192,8 @@ def train_models(
     seeds: (M,) data-order seeds. ``batched=None`` picks the batched path when every
     model has no buffers; it trains ``stack_size`` models per stacked step (on 2 CPU
     cores 8 keeps the working set in cache and is fastest; GPUs like more).
-    ``model_ids`` name the models in error messages.
+    ``model_ids`` name the models in error messages. ``snapshot_epochs`` (loop path only)
+    keeps each model's weights after those epochs (1-based) in ``TrainedModels.snapshots``.
     """
     from datalens.models import batchable
 
@@ -203,6 +207,8 @@ def train_models(
     steps = settings.steps_per_epoch(float(np.mean([len(s) for s in subsets])))
     total = steps * settings.epochs
     aug_gen = torch.Generator().manual_seed(int(seeds[0]) if len(seeds) else 0)
+    if snapshot_epochs:
+        batched = False
     if batched:
         parts = [
             _train_batched(models[a:a + stack_size], x, y, masks[a:a + stack_size], subsets[a:a + stack_size],
@@ -210,8 +216,10 @@ def train_models(
             for a in range(0, len(models), stack_size)
         ]
         return TrainedModels(base=parts[0].base, params={k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params})
+    snapshots: list[list[dict]] = []
     for i, model in enumerate(models):
         model.train()
+        snapshots.append([])
         opt = _make_optimizer(list(model.parameters()), settings)
         gen = torch.Generator().manual_seed(int(seeds[i]))
         step = 0
@@ -229,8 +237,10 @@ def train_models(
                 step += 1
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} for model {model_ids[i]} at epoch {epoch}; lower train.lr")
+            if epoch + 1 in snapshot_epochs:
+                snapshots[i].append({k: v.detach().clone() for k, v in model.state_dict().items()})
         model.eval()
-    return TrainedModels(base=models[0], modules=models)
+    return TrainedModels(base=models[0], modules=models, snapshots=snapshots)
 
 
 def _padded_batch(x: torch.Tensor, y: torch.Tensor, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -447,7 +457,7 @@ def train_range(run: SubsetRun, start: int, stop: int, masks: np.ndarray | None 
     """Train models ``start..stop-1`` of ``run`` (or on the given ``masks``) without touching any store.
 
     Returns ``masks`` (M, n) bool, ``test_margins`` (M, t), ``train_margins`` (M, n) float32,
-    ``models`` (:class:`TrainedModels`).
+    ``test_accuracy`` (M,), ``models`` (:class:`TrainedModels`).
     """
     ds = cached_dataset(run.dataset, run.data_root)
     device = resolve_device(run.device)
@@ -460,9 +470,11 @@ def train_range(run: SubsetRun, start: int, stop: int, masks: np.ndarray | None 
     trained = train_models(models, x_tr, y_tr, masks, seeds, run.settings, model_ids=range(start, stop), stack_size=run.stack_size)
     x_te = torch.as_tensor(ds.x_test, device=device)
     y_te = torch.as_tensor(ds.y_test, device=device)
+    logits_te = trained.logits(x_te)
     return {
         "masks": masks,
-        "test_margins": margins_from_logits(trained.logits(x_te), y_te).float().cpu().numpy(),
+        "test_margins": margins_from_logits(logits_te, y_te).float().cpu().numpy(),
+        "test_accuracy": (logits_te.argmax(-1) == y_te).float().mean(-1).cpu().numpy(),
         "train_margins": margins_from_logits(trained.logits(x_tr), y_tr).float().cpu().numpy(),
         "models": trained,
     }
@@ -481,7 +493,7 @@ def train_block(run: SubsetRun, block: int) -> dict:
             if j < run.num_checkpoints:
                 ckpts[j] = flatten_state(state)
     store.write_block(block, out, ckpts)
-    return {"block": block, "start": start, "stop": stop, "test_accuracy": float((out["test_margins"] > 0).mean())}
+    return {"block": block, "start": start, "stop": stop, "test_accuracy": float(out["test_accuracy"].mean())}
 
 
 def open_existing_rw(run: SubsetRun):
@@ -535,7 +547,7 @@ def report_subset_run(store, run: SubsetRun, fig_dir) -> dict:
     ds = cached_dataset(run.dataset, run.data_root)
     test = store.read("test_margins")
     masks = store.read("masks")
-    acc = (test > 0).mean(1)
+    acc = store.read("test_accuracy")
     target = int(np.argmin(np.abs(np.median(test, 0))))  # the least certain target shows effects best
     counts_in = masks.sum(0)
     mean_in = masks.T.astype(np.float64) @ test[:, target] / np.maximum(counts_in, 1)

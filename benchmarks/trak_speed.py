@@ -1,0 +1,103 @@
+"""TRAK featurize + score on the embedded profile: ours vs the public reference
+implementation (PyPI ``traker`` 0.3.2, a bench extra), on the same checkpoints, both
+float32 on CPU, in the same run. Wall time and LDS on the held-out evaluation models.
+
+traker gets the same ridge: ours is lambda = ridge * trace(Phi^T Phi) / k per model, and
+trace(Phi^T Phi) ~ sum_i |g_i|^2 (our P preserves norms). traker's features are
+g P / sqrt(d) with ±1 entries, so its trace ~ k sum_i |g_i|^2 / d and it gets
+``lambda_reg = ridge * mean_m sum_i |g_i|^2 / d`` (computed outside the timing).
+Needs the stores of `make repro`.
+
+    python benchmarks/trak_speed.py [--models 10] [--proj-dim 2048] [--ridge 0.01]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from _common import ROOT, write_result
+from datalens import datamodels, trak
+from datalens.config import stage_params
+from datalens.metrics import linear_datamodeling_score
+from datalens.store import open_existing
+from datalens.training import SubsetRun, cached_dataset, unflatten_state
+
+
+def load_models(run, store, count):
+    ds = cached_dataset(run.dataset, run.data_root)
+    models = []
+    for m in range(count):
+        model = run.build_model(ds)
+        model.load_state_dict(unflatten_state(store.checkpoint(m), model))
+        models.append(model.eval())
+    return models
+
+
+def ours(models, ds, k, ridge, seed):
+    x_tr, y_tr = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
+    x_te, y_te = torch.tensor(ds.x_test), torch.tensor(ds.y_test)
+    feats = [trak.featurize(m, x_tr, y_tr, x_te, y_te, k, seed, i) for i, m in enumerate(models)]
+    return trak.trak_scores(feats, ridge)
+
+
+def reference(models, ds, k, lambda_reg, seed):
+    from trak import TRAKer
+    x_tr, y_tr = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
+    x_te, y_te = torch.tensor(ds.x_test), torch.tensor(ds.y_test)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traker = TRAKer(model=models[0], task="image_classification", train_set_size=len(x_tr), save_dir=tmp,
+                        device="cpu", proj_dim=k, use_half_precision=False, projector_seed=seed, logging_level=logging.ERROR,
+                        lambda_reg=lambda_reg)
+        for i, m in enumerate(models):
+            traker.load_checkpoint(m.state_dict(), model_id=i)
+            traker.featurize(batch=(x_tr, y_tr), num_samples=len(x_tr))
+        traker.finalize_features()
+        for i, m in enumerate(models):
+            traker.start_scoring_checkpoint("bench", m.state_dict(), model_id=i, num_targets=len(x_te))
+            traker.score(batch=(x_te, y_te), num_samples=len(x_te))
+        return np.asarray(traker.finalize_scores(exp_name="bench"), dtype=np.float64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=10)
+    ap.add_argument("--proj-dim", type=int, default=2048)
+    ap.add_argument("--ridge", type=float, default=0.01)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    p = stage_params("attribution_comparison", ROOT / "params.yaml", {"device": "cpu"})
+    run = SubsetRun.from_params(p)
+    ds = cached_dataset(run.dataset, run.data_root)
+    store = open_existing(run.store)
+    masks, actual_mean, actual_single = datamodels.heldout_arrays(open_existing(str(ROOT / p["evaluation"]["store"])), p["evaluation"]["repeats"])
+    models = load_models(run, store, args.models)
+    ours(models[:1], ds, 64, args.ridge, 0)  # warm up both paths' first-use costs
+    t0 = time.perf_counter()
+    s_ours = ours(models, ds, args.proj_dim, args.ridge, p["train"]["seed"])
+    t_ours = time.perf_counter() - t0
+    x_tr, y_tr = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
+    d = sum(q.numel() for q in models[0].parameters())
+    sq_norm = np.mean([float((trak.per_example_gradients(m, x_tr, y_tr).double() ** 2).sum()) for m in models])
+    t0 = time.perf_counter()
+    s_ref = reference(models, ds, args.proj_dim, args.ridge * sq_norm / d, p["train"]["seed"])
+    t_ref = time.perf_counter() - t0
+    lds = {name: linear_datamodeling_score(s, masks, actual_mean) for name, s in (("ours", s_ours), ("traker", s_ref))}
+    write_result("trak_speed", {
+        "ours": t_ours, "baseline": t_ref, "ratio": t_ref / t_ours, "unit": "seconds (featurize + score)",
+        "ours_lds": lds["ours"], "baseline_lds": lds["traker"],
+        "ours_lds_single": linear_datamodeling_score(s_ours, masks, actual_single),
+        "baseline_lds_single": linear_datamodeling_score(s_ref, masks, actual_single),
+        "settings": {"models": args.models, "proj_dim": args.proj_dim, "ridge": args.ridge, "traker_lambda_reg": args.ridge * sq_norm / d, "dtype": "float32", "device": "cpu",
+                     "traker": "0.3.2", "lds_ground_truth": f"{len(masks)} held-out masks, mean of {p['evaluation']['repeats']} models"},
+    })
+
+
+if __name__ == "__main__":
+    main()
