@@ -61,3 +61,11 @@ def test_missing_cifar_names_the_fetch_command(tmp_path):
 def test_unknown_dataset_is_refused():
     with pytest.raises(ValueError, match="data.dataset='mnist'.*digits"):
         load_dataset("mnist")
+
+
+def test_data_dvc_imports_the_official_tarball_with_its_checksum(root):
+    import yaml
+    spec = yaml.safe_load((root / "data.dvc").read_text())
+    assert spec["deps"][0]["path"] == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    out = spec["outs"][0]
+    assert (out["md5"], out["size"], out["path"]) == ("c58f30108f718f92721af3b95e74349a", 170498071, "data/cifar-10-python.tar.gz")

@@ -103,3 +103,29 @@ def test_kernel_terms_agree_whether_k_is_below_or_above_n():
         lam = 0.3 * float((phi * phi).sum()) / k
         direct = phi @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(k, dtype=torch.float64), tgt.T)
         torch.testing.assert_close(kernel_terms(ModelFeatures(phi, tgt, torch.ones(n)), 0.3), direct)
+
+
+def test_feature_store_refuses_features_from_another_projector_version(tmp_path, monkeypatch):
+    import datalens.trak as trak_module
+    from conftest import tiny_run
+    from datalens.store import StoreError
+    from datalens.trak import FeatureJob, featurize_checkpoints
+    from datalens.training import train_subset_models
+
+    run = tiny_run(tmp_path / "s.zarr", num_models=4, num_checkpoints=2)
+    train_subset_models(run, progress=False)
+    job = FeatureJob(run, str(tmp_path / "f.zarr"), (8,))
+    group = featurize_checkpoints(job, 2, progress=False)
+    assert np.asarray(group["completed"][:]).all()
+    monkeypatch.setattr(trak_module, "PROJECTOR_VERSION", trak_module.PROJECTOR_VERSION + 1)
+    with pytest.raises(StoreError, match="other params"):
+        featurize_checkpoints(job, 2, progress=False)
+
+
+def test_fast_jl_is_optional_and_refuses_cpu_gradients():
+    from datalens.trak import projector_backend
+    assert projector_backend("cpu") == "torch"
+    with pytest.raises(ValueError, match="CUDA device"):
+        Projector(100, 512, backend="fast_jl").project(torch.zeros(4, 100))
+    with pytest.raises(ValueError, match="allowed values: torch, fast_jl"):
+        Projector(100, 512, backend="cupy")
