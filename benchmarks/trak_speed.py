@@ -8,7 +8,7 @@ g P / sqrt(d) with ±1 entries, so its trace ~ k sum_i |g_i|^2 / d and it gets
 ``lambda_reg = ridge * mean_m sum_i |g_i|^2 / d`` (computed outside the timing).
 Needs the stores of `make repro`.
 
-    python benchmarks/trak_speed.py [--models 10] [--proj-dim 2048] [--ridge 0.01]
+    python benchmarks/trak_speed.py [--models 10] [--proj-dim 2048] [--ridge 1.0]
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=10)
     ap.add_argument("--proj-dim", type=int, default=2048)
-    ap.add_argument("--ridge", type=float, default=0.01)
+    ap.add_argument("--ridge", type=float, default=1.0)  # what validation picks at k = 2048 (stage 05)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     p = stage_params("attribution_comparison", ROOT / "params.yaml", {"device": "cpu"})

@@ -67,3 +67,23 @@ def test_moments_mse_equals_direct_mse():
 def test_zero_models_is_refused():
     with pytest.raises(ValueError, match="zero rows"):
         Moments.from_blocks([])
+
+
+def test_chosen_lambda_and_support_agree_with_sklearn_path_selection():
+    from sklearn.linear_model import lasso_path
+    x, y, _ = _planted(n_models=600, n=40, targets=3, k=4, noise=0.3, seed=3)
+    tr, va = slice(0, 500), slice(500, None)
+    train, val = Moments.from_blocks([(x[tr], y[tr])]), Moments.from_blocks([(x[va], y[va])])
+    dm, diag = fit_datamodels(train, val, num_lambdas=25, eps=1e-3, max_iter=5000, tol=1e-9, progress=False)
+    mu, sd = x[tr].mean(0), x[tr].std(0)
+    for t in range(3):
+        grid = diag["lambda_grid"][:, t]
+        ybar = y[tr, t].mean()
+        _, coefs, _ = lasso_path((x[tr] - mu) / sd, y[tr, t] - ybar, alphas=grid, tol=1e-10, max_iter=100000)
+        val_mse = (((x[va] - mu) / sd @ coefs + ybar - y[va, t][:, None]) ** 2).mean(0)
+        sk_best = int(np.argmin(val_mse))
+        assert diag["best_index"][t] == sk_best
+        lam = grid[sk_best]
+        xa, ya = x, y[:, t]
+        refit = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit((xa - xa.mean(0)) / xa.std(0), ya)
+        assert set(np.flatnonzero(np.abs(refit.coef_) > 1e-6)) == set(np.flatnonzero(np.abs(dm.weight[:, t]) > 1e-6))

@@ -109,7 +109,7 @@ def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = 
     for ax, key, label in ((axes[0], "seconds", "compute (wall seconds on this machine)"), (axes[1], "models", "trained models")):
         for m in methods:
             rs = [r for r in records if r["method"] == m and (m != "trak" or trak_proj_dim is None or r.get("proj_dim") == trak_proj_dim)]
-            rs.sort(key=lambda r: r[key])
+            rs.sort(key=lambda r: r["models"])  # connect budgets in order (fit time need not grow with models)
             ax.plot([r[key] for r in rs], [r["lds"] for r in rs], marker="o", label=m, color=palette[m])
         ax.set_xscale("log")
         ax.set(xlabel=label)
