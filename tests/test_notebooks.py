@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import papermill as pm
-import pytest
 
 COMMON = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8}
 TRAIN = {"train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4}
@@ -53,8 +52,8 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert set(m4["fraction_flipped_predicted"]) == {"2", "4"}
     m5 = _run(root, tmp_path, "05_attribution_comparison", TINY["05_attribution_comparison"])
     methods = {r["method"] for r in m5["records"]}
-    assert methods == {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "representation_similarity",
-                       "influence_explicit", "influence_cg", "tracin"} or methods >= {"trak", "datamodels", "tracin"}
+    assert methods >= {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "representation_similarity",
+                       "influence_explicit", "tracin"}  # influence_cg drops out only if every damping is indefinite
     assert len([r for r in m5["records"] if r["method"] == "trak"]) == 4  # every (M, k)
     assert all(-1 <= r["lds"] <= 1 and r["seconds"] > 0 for r in m5["records"])
 

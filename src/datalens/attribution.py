@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from datalens.trak import ClassificationMargin, out_to_loss, per_example_gradients
+from datalens.trak import out_to_loss, per_example_gradients
 
 
 def _helpful_grads(model, x, y, param_names=None):
@@ -140,6 +140,3 @@ def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
     mean_out = (1 - masks).T @ margins / n_out[:, None]
     return mean_in - mean_out
 
-
-METHODS = ("trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "tracin",
-           "representation_similarity", "influence_explicit", "influence_cg")

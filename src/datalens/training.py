@@ -482,7 +482,7 @@ def train_range(run: SubsetRun, start: int, stop: int, masks: np.ndarray | None 
 
 def train_block(run: SubsetRun, block: int) -> dict:
     """Train one block of ``run`` and write it to the run's store. Returns a small summary."""
-    from datalens.store import SubsetStore, open_existing
+    from datalens.store import SubsetStore
 
     store: SubsetStore = open_existing_rw(run)
     start, stop = store.block_range(block)

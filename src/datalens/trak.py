@@ -338,7 +338,6 @@ def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
 
 def featurize_checkpoints(job: FeatureJob, num_models: int, executor=None, progress: bool = True):
     """Featurize checkpoints 0..num_models-1 that the feature store lacks. Returns the zarr group."""
-    import numpy as np
     from tqdm.auto import tqdm
     from datalens.execution import LocalExecutor
     from datalens.training import cached_dataset
