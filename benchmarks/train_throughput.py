@@ -20,8 +20,7 @@ from datalens.training import SubsetRun, cached_dataset, init_models, margins_fr
 def naive_loop(run: SubsetRun, masks: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, float]:
     """One model at a time, the textbook way: its own subset tensor, its own optimizer."""
     ds = cached_dataset(run.dataset, run.data_root)
-    x, y = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    xt, yt = torch.tensor(ds.x_test), torch.tensor(ds.y_test)
+    x, y, xt, yt = ds.tensors()
     s = run.settings
     out, correct = [], []
     for model, mask in zip(init_models(lambda: run.build_model(ds), seeds), masks):

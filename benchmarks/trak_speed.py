@@ -26,30 +26,17 @@ from datalens import datamodels, trak
 from datalens.config import stage_params
 from datalens.metrics import linear_datamodeling_score
 from datalens.store import open_existing
-from datalens.training import SubsetRun, cached_dataset, unflatten_state
-
-
-def load_models(run, store, count):
-    ds = cached_dataset(run.dataset, run.data_root)
-    models = []
-    for m in range(count):
-        model = run.build_model(ds)
-        model.load_state_dict(unflatten_state(store.checkpoint(m), model))
-        models.append(model.eval())
-    return models
+from datalens.training import SubsetRun, cached_dataset
 
 
 def ours(models, ds, k, ridge, seed):
-    x_tr, y_tr = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    x_te, y_te = torch.tensor(ds.x_test), torch.tensor(ds.y_test)
-    feats = [trak.featurize(m, x_tr, y_tr, x_te, y_te, k, seed, i) for i, m in enumerate(models)]
+    feats = [trak.featurize(m, *ds.tensors(), k, seed, i) for i, m in enumerate(models)]
     return trak.trak_scores(feats, ridge)
 
 
 def reference(models, ds, k, lambda_reg, seed):
     from trak import TRAKer
-    x_tr, y_tr = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    x_te, y_te = torch.tensor(ds.x_test), torch.tensor(ds.y_test)
+    x_tr, y_tr, x_te, y_te = ds.tensors()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traker = TRAKer(model=models[0], task="image_classification", train_set_size=len(x_tr), save_dir=tmp,
@@ -77,12 +64,12 @@ def main() -> None:
     ds = cached_dataset(run.dataset, run.data_root)
     store = open_existing(run.store)
     masks, actual_mean, actual_single = datamodels.heldout_arrays(open_existing(str(ROOT / p["evaluation"]["store"])), p["evaluation"]["repeats"])
-    models = load_models(run, store, args.models)
+    models = [run.load_checkpoint(store, m) for m in range(args.models)]
     ours(models[:1], ds, 64, args.ridge, 0)  # warm up both paths' first-use costs
     t0 = time.perf_counter()
     s_ours = ours(models, ds, args.proj_dim, args.ridge, p["train"]["seed"])
     t_ours = time.perf_counter() - t0
-    x_tr, y_tr = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
+    x_tr, y_tr, _, _ = ds.tensors()
     d = sum(q.numel() for q in models[0].parameters())
     sq_norm = np.mean([float((trak.per_example_gradients(m, x_tr, y_tr).double() ** 2).sum()) for m in models])
     t0 = time.perf_counter()

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from datalens import attribution, datamodels, trak
 from datalens.metrics import linear_datamodeling_score
@@ -163,7 +162,3 @@ def measure_seconds_per_model(run, count: int = 16) -> float:
     train_range(run, 0, count)
     return (time.perf_counter() - t0) / count
 
-
-def tensors(ds, dtype=torch.float32):
-    return (torch.as_tensor(ds.x_train, dtype=dtype), torch.as_tensor(ds.y_train),
-            torch.as_tensor(ds.x_test, dtype=dtype), torch.as_tensor(ds.y_test))

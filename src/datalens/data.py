@@ -54,6 +54,11 @@ class Dataset:
     def n_test(self) -> int:
         return len(self.y_test)
 
+    def tensors(self, device="cpu"):
+        """(x_train, y_train, x_test, y_test) as torch tensors on ``device``."""
+        import torch
+        return tuple(torch.as_tensor(a, device=device) for a in (self.x_train, self.y_train, self.x_test, self.y_test))
+
 
 def load_digits() -> Dataset:
     from sklearn.datasets import load_digits as sk_digits

@@ -165,10 +165,10 @@ class SubsetStore:
         return vec
 
 
-def open_existing(url: str) -> SubsetStore:
-    """Open a finished or partial store for reading."""
+def open_existing(url: str, mode: str = "r") -> SubsetStore:
+    """Open a finished or partial store (``mode="r+"`` to write blocks into it)."""
     try:
-        group = zarr.open_group(url, mode="r")
+        group = zarr.open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise FileNotFoundError(f"no store at {url}; run the stage that creates it first") from None
     return SubsetStore(group, url)

@@ -441,6 +441,13 @@ class SubsetRun:
         from datalens.models import build_model
         return build_model(self.model, dataset.input_shape, dataset.num_classes, **self.model_kwargs)
 
+    def load_checkpoint(self, store, index: int, device: str | torch.device = "cpu") -> nn.Module:
+        """Model ``index`` of this run, rebuilt from the checkpoint in ``store``, in eval mode."""
+        ds = cached_dataset(self.dataset, self.data_root)
+        model = self.build_model(ds)
+        model.load_state_dict(unflatten_state(store.checkpoint(index), model))
+        return model.to(device).eval()
+
 
 _DATA_CACHE: dict = {}
 
@@ -453,23 +460,14 @@ def cached_dataset(name: str, root: str):
     return _DATA_CACHE[(name, root)]
 
 
-def train_range(run: SubsetRun, start: int, stop: int, masks: np.ndarray | None = None) -> dict[str, np.ndarray | TrainedModels]:
-    """Train models ``start..stop-1`` of ``run`` (or on the given ``masks``) without touching any store.
-
-    Returns ``masks`` (M, n) bool, ``test_margins`` (M, t), ``train_margins`` (M, n) float32,
-    ``test_accuracy`` (M,), ``models`` (:class:`TrainedModels`).
-    """
+def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int]) -> dict:
+    """Train one model per mask with the given seeds; margins and accuracy as in :func:`train_range`."""
     ds = cached_dataset(run.dataset, run.data_root)
     device = resolve_device(run.device)
-    if masks is None:
-        masks = subset_masks(run.seed, run.mask_indices(start, stop), ds.n_train, run.alpha, run.stream)
-    seeds = run.model_seeds(start, stop)
+    x_tr, y_tr, x_te, y_te = ds.tensors(device)
     models = [mod.to(device) for mod in init_models(lambda: run.build_model(ds), seeds)]
-    x_tr = torch.as_tensor(ds.x_train, device=device)
-    y_tr = torch.as_tensor(ds.y_train, device=device)
-    trained = train_models(models, x_tr, y_tr, masks, seeds, run.settings, model_ids=range(start, stop), stack_size=run.stack_size)
-    x_te = torch.as_tensor(ds.x_test, device=device)
-    y_te = torch.as_tensor(ds.y_test, device=device)
+    trained = train_models(models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
+                           stack_size=run.stack_size)
     logits_te = trained.logits(x_te)
     return {
         "masks": masks,
@@ -480,11 +478,23 @@ def train_range(run: SubsetRun, start: int, stop: int, masks: np.ndarray | None 
     }
 
 
+def train_range(run: SubsetRun, start: int, stop: int) -> dict[str, np.ndarray | TrainedModels]:
+    """Train models ``start..stop-1`` of ``run`` without touching any store.
+
+    Returns ``masks`` (M, n) bool, ``test_margins`` (M, t), ``train_margins`` (M, n) float32,
+    ``test_accuracy`` (M,), ``models`` (:class:`TrainedModels`).
+    """
+    ds = cached_dataset(run.dataset, run.data_root)
+    masks = subset_masks(run.seed, run.mask_indices(start, stop), ds.n_train, run.alpha, run.stream)
+    return _train_and_score(run, masks, run.model_seeds(start, stop), range(start, stop))
+
+
 def train_block(run: SubsetRun, block: int) -> dict:
     """Train one block of ``run`` and write it to the run's store. Returns a small summary."""
-    from datalens.store import SubsetStore
+    from datalens.store import open_existing
 
-    store: SubsetStore = open_existing_rw(run)
+    store = open_existing(run.store, mode="r+")
+    store.check_identity(run.identity())
     start, stop = store.block_range(block)
     out = train_range(run, start, stop)
     ckpts = {}
@@ -494,19 +504,6 @@ def train_block(run: SubsetRun, block: int) -> dict:
                 ckpts[j] = flatten_state(state)
     store.write_block(block, out, ckpts)
     return {"block": block, "start": start, "stop": stop, "test_accuracy": float(out["test_accuracy"].mean())}
-
-
-def open_existing_rw(run: SubsetRun):
-    """Open ``run``'s store (it must exist) checking it was made by the same params."""
-    import zarr
-    from datalens.store import SubsetStore, StoreError
-    try:
-        group = zarr.open_group(run.store, mode="r+")
-    except Exception as exc:
-        raise StoreError(f"store at {run.store} cannot be opened by a worker ({exc})") from None
-    store = SubsetStore(group, run.store)
-    store.check_identity(run.identity())
-    return store
 
 
 def prepare_store(run: SubsetRun):
@@ -575,14 +572,8 @@ def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: 
     """Test margins (m, t) of models trained on given masks (m, n), averaged over ``repeats``
     seeds. Repeat r uses the same seed for every mask (common random numbers), so
     differences between masks are not blurred by initialisation noise."""
-    ds = cached_dataset(run.dataset, run.data_root)
-    device = resolve_device(run.device)
-    x_tr, y_tr = torch.as_tensor(ds.x_train, device=device), torch.as_tensor(ds.y_train, device=device)
-    x_te, y_te = torch.as_tensor(ds.x_test, device=device), torch.as_tensor(ds.y_test, device=device)
-    total = np.zeros((len(masks), ds.n_test))
+    total = 0.0
     for r in range(repeats):
         seeds = [model_seed(run.seed, 0, r, stream)] * len(masks)
-        models = [mod.to(device) for mod in init_models(lambda: run.build_model(ds), seeds)]
-        trained = train_models(models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, stack_size=run.stack_size)
-        total += margins_from_logits(trained.logits(x_te), y_te).double().cpu().numpy()
+        total = total + _train_and_score(run, masks, seeds, range(len(masks)))["test_margins"].astype(np.float64)
     return total / repeats

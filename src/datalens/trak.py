@@ -181,29 +181,34 @@ class ModelFeatures:
     q: torch.Tensor
 
 
-def featurize(model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim: int | None, seed: int, model_index: int,
-              kind: str = "rademacher", param_names: Sequence[str] | None = None, task: ModelOutput | None = None,
-              chunk: int = 1024, dtype: torch.dtype = torch.float32, backend: str = "torch") -> ModelFeatures:
+def featurize(model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim: int | Sequence[int] | None, seed: int,
+              model_index: int, kind: str = "rademacher", param_names: Sequence[str] | None = None,
+              task: ModelOutput | None = None, chunk: int = 1024, dtype: torch.dtype = torch.float32,
+              backend: str = "torch"):
     """Projected per-example gradients of one model, for training and target examples.
 
     Gradients are computed and projected ``chunk`` examples at a time (train and targets
     in one stream), so at most (chunk, d) gradients are held; larger chunks make the
-    projection GEMM more efficient.
+    projection GEMM more efficient. ``proj_dim=None`` keeps the raw gradients; a list of
+    dimensions returns {k: ModelFeatures} from one gradient pass.
     """
     task = task or ClassificationMargin()
+    dims = list(proj_dim) if isinstance(proj_dim, (list, tuple)) else [proj_dim]
     x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
-    parts = []
-    projector = None
+    parts: dict = {k: [] for k in dims}
+    projectors: dict = {}
     for a in range(0, len(x_all), chunk):
         g = per_example_gradients(model, x_all[a:a + chunk], y_all[a:a + chunk], task, param_names, chunk, dtype)
-        if proj_dim is None:  # no projection: the raw gradients (small models, tests)
-            parts.append(g)
-            continue
-        projector = projector or Projector(g.shape[1], proj_dim, seed, model_index, kind, backend=backend)
-        parts.append(projector.project(g))
-    feats = torch.cat(parts)
+        for k in dims:
+            if k is None:  # no projection: the raw gradients (small models, tests)
+                parts[k].append(g)
+                continue
+            projectors.setdefault(k, Projector(g.shape[1], k, seed, model_index, kind, backend=backend))
+            parts[k].append(projectors[k].project(g))
     n = len(x_train)
-    return ModelFeatures(feats[:n], feats[n:], out_to_loss(model, x_train, y_train, task))
+    q = out_to_loss(model, x_train, y_train, task)
+    out = {k: ModelFeatures(torch.cat(p)[:n], torch.cat(p)[n:], q) for k, p in parts.items()}
+    return out if isinstance(proj_dim, (list, tuple)) else out[proj_dim]
 
 
 def kernel_terms(f: ModelFeatures, ridge: float | Sequence[float], target_block: int = 4096):
@@ -312,25 +317,19 @@ def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
     import time
     import zarr
     from datalens.store import open_existing
-    from datalens.training import cached_dataset, resolve_device, unflatten_state
+    from datalens.training import cached_dataset, resolve_device
 
     t0 = time.perf_counter()
     run = job.run
-    ds = cached_dataset(run.dataset, run.data_root)
     device = resolve_device(run.device)
-    model = run.build_model(ds)
-    model.load_state_dict(unflatten_state(open_existing(run.store).checkpoint(model_index), model))
-    model = model.to(device).eval()
-    x_tr, y_tr = torch.as_tensor(ds.x_train, device=device), torch.as_tensor(ds.y_train, device=device)
-    x_te, y_te = torch.as_tensor(ds.x_test, device=device), torch.as_tensor(ds.y_test, device=device)
-    g_tr = per_example_gradients(model, x_tr, y_tr, param_names=job.param_names)
-    g_te = per_example_gradients(model, x_te, y_te, param_names=job.param_names)
+    model = run.load_checkpoint(open_existing(run.store), model_index, device)
+    feats = featurize(model, *cached_dataset(run.dataset, run.data_root).tensors(device), list(job.proj_dims), job.seed,
+                      model_index, job.proj_type, job.param_names, backend=job.backend)
     group = zarr.open_group(job.store, mode="r+")
-    for k in job.proj_dims:  # one gradient pass serves every k
-        proj = Projector(g_tr.shape[1], k, job.seed, model_index, job.proj_type, backend=job.backend)
-        group[f"train_k{k}"][model_index] = proj.project(g_tr).cpu().numpy()
-        group[f"targets_k{k}"][model_index] = proj.project(g_te).cpu().numpy()
-    group["q"][model_index] = out_to_loss(model, x_tr, y_tr).cpu().numpy()
+    for k, f in feats.items():
+        group[f"train_k{k}"][model_index] = f.train.cpu().numpy()
+        group[f"targets_k{k}"][model_index] = f.targets.cpu().numpy()
+    group["q"][model_index] = next(iter(feats.values())).q.cpu().numpy()
     group["seconds"][model_index] = time.perf_counter() - t0
     group["completed"][model_index] = True
     return {"model": model_index, "seconds": time.perf_counter() - t0}
