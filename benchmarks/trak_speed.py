@@ -6,6 +6,10 @@ traker gets the same ridge: ours is lambda = ridge * trace(Phi^T Phi) / k per mo
 trace(Phi^T Phi) ~ sum_i |g_i|^2 (our P preserves norms). traker's features are
 g P / sqrt(d) with ±1 entries, so its trace ~ k sum_i |g_i|^2 / d and it gets
 ``lambda_reg = ridge * mean_m sum_i |g_i|^2 / d`` (computed outside the timing).
+
+Our features are float32. On CPUs with VNNI the projection splits each gradient row into
+four int8 slices and multiplies them exactly with P's ±1 signs (``trak.int8_slices``); the
+JSON records its error and a float32 GEMM's, both against a float64 product.
 Needs the stores of `make repro`.
 
     python benchmarks/trak_speed.py [--models 10] [--proj-dim 2048] [--ridge 1.0]
@@ -75,12 +79,19 @@ def main() -> None:
     t0 = time.perf_counter()
     s_ref = reference(models, ds, args.proj_dim, args.ridge * sq_norm / d, p["train"]["seed"])
     t_ref = time.perf_counter() - t0
+    # how exact our projection is (on CPUs with VNNI it takes the int8 route), vs a float32 GEMM
+    g = trak.per_example_gradients(models[0], x_tr, y_tr)
+    proj = trak.Projector(d, args.proj_dim, p["train"]["seed"], 0)
+    exact = g.double() @ proj.matrix().double()
+    rel_error = lambda out: float((out.double() - exact).norm() / exact.norm())  # noqa: E731
     lds = {name: linear_datamodeling_score(s, masks, actual_mean) for name, s in (("ours", s_ours), ("traker", s_ref))}
     write_result("trak_speed", {
         "ours": t_ours, "baseline": t_ref, "ratio": t_ref / t_ours, "unit": "seconds (featurize + score)",
         "ours_lds": lds["ours"], "baseline_lds": lds["traker"],
         "ours_lds_single": linear_datamodeling_score(s_ours, masks, actual_single),
         "baseline_lds_single": linear_datamodeling_score(s_ref, masks, actual_single),
+        "projection_route": "int8 slices" if proj.uses_int8(g) else "float32 GEMM",
+        "projection_rel_error": rel_error(proj.project(g)), "float32_gemm_rel_error": rel_error(g @ proj.matrix()),
         "settings": {"models": args.models, "proj_dim": args.proj_dim, "ridge": args.ridge, "traker_lambda_reg": args.ridge * sq_norm / d, "dtype": "float32", "device": "cpu",
                      "traker": "0.3.2", "lds_ground_truth": f"{len(masks)} held-out masks, mean of {p['evaluation']['repeats']} models"},
     })

@@ -16,6 +16,7 @@ from datalens.config import ParamError, declared_params, stage_params
         ("train.epochs", 0, r"train.epochs=0.*integer >= 1"),
         ("train.block_size", 0, r"train.block_size=0"),
         ("execution.backend", "slurm", r"execution.backend='slurm'.*local, ray"),
+        ("train.precision", "float16", r"train.precision='float16'.*float32, bfloat16"),
     ],
 )
 def test_bad_params_are_refused_with_the_key_and_allowed_values(root, key, value, pattern):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from datalens.metrics import linear_datamodeling_score
-from datalens.trak import Projector, featurize, per_example_gradients, soft_threshold, trak_scores
+from datalens.trak import Projector, featurize, int8_slices, per_example_gradients, soft_threshold, trak_scores
 
 
 def _logreg(seed=0, d=6, c=3):
@@ -67,6 +67,30 @@ def test_projector_preserves_inner_products_and_is_reproducible():
     assert not torch.allclose(Projector(d, k, seed=3, model_index=2).project(g.float()), phi.float())
     gauss = Projector(d, 512, seed=0, kind="gaussian").matrix()
     assert abs(float(gauss.std()) - 512 ** -0.5) < 0.05 * 512 ** -0.5
+
+
+def test_int8_slices_reconstruct_the_rows():
+    torch.manual_seed(0)
+    g = torch.randn(50, 300) * torch.logspace(-4, 2, 300)
+    slices, scale = int8_slices(g)
+    assert all(q.dtype == torch.int8 for q in slices)
+    rebuilt = sum(q.double() / 128.0 ** j for j, q in enumerate(slices)) * scale.double()
+    # float32 rounding of each entry (in g / scale) plus the last slice's half step
+    assert ((rebuilt - g.double()).abs() <= 2.0 ** -23 * g.double().abs() + 0.5 / 128 ** 3 * scale.double()).all()
+
+
+@pytest.mark.parametrize("block_rows", [16 * 1024, 1024])  # P cached whole, and P in blocks
+def test_int8_projection_is_at_least_as_exact_as_a_float32_gemm(block_rows):
+    torch.manual_seed(1)
+    g = torch.randn(300, 2500) * torch.logspace(-3, 1, 2500)  # rows with a wide dynamic range
+    proj = Projector(2500, 256, seed=2, model_index=4, block_rows=block_rows)
+    exact = g.double() @ proj.matrix().double()
+    err = lambda out: float((out.double() - exact).norm() / exact.norm())  # noqa: E731
+    assert err(proj._project_int8(g)) <= err(g @ proj.matrix())
+    assert err(proj._project_int8(g)) < 2e-7
+    # the route is only taken where it is exact and fast
+    assert not Projector(2500, 256, kind="gaussian").uses_int8(g)
+    assert not proj.uses_int8(g.double())
 
 
 def test_parameter_subset_gradients_equal_the_slice_of_full_gradients():

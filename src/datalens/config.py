@@ -121,6 +121,7 @@ _TRAIN = {
     "schedule": _choice("constant", "triangular"),
     "peak_epoch": _float(0.0),
     "augment": _bool,
+    "precision": _choice("float32", "bfloat16"),
 }
 
 SCHEMA: dict[str, Callable[[str, Any], None]] = {

@@ -80,11 +80,16 @@ class TrainSettings:
     schedule: str = "constant"
     peak_epoch: float = 5.0
     augment: bool = False
+    precision: str = "float32"  # or "bfloat16": mixed precision, see train_models
 
     @classmethod
     def from_params(cls, train: dict) -> "TrainSettings":
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in train.items() if k in names})
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bfloat16" else torch.float32
 
     def steps_per_epoch(self, subset_size: float) -> int:
         return 1 if self.batch_size == 0 else max(1, math.ceil(subset_size / self.batch_size))
@@ -194,9 +199,16 @@ def train_models(
     cores 8 keeps the working set in cache and is fastest; GPUs like more).
     ``model_ids`` name the models in error messages. ``snapshot_epochs`` (loop path only)
     keeps each model's weights after those epochs (1-based) in ``TrainedModels.snapshots``.
+
+    ``settings.precision='bfloat16'`` is mixed precision as in ``torch.autocast``: weights,
+    gradients and optimizer state stay float32; matrix products and the activations
+    between them run in bfloat16; the loss is float32. Evaluation is always float32.
     """
+    from datalens.execution import keep_freed_memory
     from datalens.models import batchable
 
+    if x.device.type == "cpu":
+        keep_freed_memory()
     if batched is None:
         batched = all(batchable(m) for m in models)
     model_ids = list(model_ids) if model_ids is not None else list(range(len(models)))
@@ -230,7 +242,9 @@ def train_models(
                 xb = x[torch.as_tensor(idx, device=x.device)]
                 if settings.augment:
                     xb = _augment(xb, gen)
-                loss = F.cross_entropy(model(xb), y[torch.as_tensor(idx, device=x.device)], label_smoothing=settings.label_smoothing)
+                with _autocast(x.device, settings):
+                    logits = model(xb)
+                loss = F.cross_entropy(logits.float(), y[torch.as_tensor(idx, device=x.device)], label_smoothing=settings.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -243,10 +257,17 @@ def train_models(
     return TrainedModels(base=models[0], modules=models, snapshots=snapshots)
 
 
+def _autocast(device: torch.device, settings: TrainSettings):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
+
+
 def _padded_batch(x: torch.Tensor, y: torch.Tensor, batch: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack per-model index sets into (M, width, ...) inputs, labels and weights
-    (1/len for real entries, 0 for padding), so each model's loss is its batch mean."""
-    width = max(len(b) for b in batch)
+    (1/len for real entries, 0 for padding), so each model's loss is its batch mean.
+
+    ``width`` is rounded up to a multiple of 64: oneDNN compiles a kernel per new shape
+    (in bfloat16 that cost more than the training of the first few hundred models)."""
+    width = -(-max(len(b) for b in batch) // 64) * 64
     idx = np.zeros((len(batch), width), dtype=np.int64)
     wts = np.zeros((len(batch), width), dtype=np.float32)
     for i, b in enumerate(batch):
@@ -269,17 +290,20 @@ def _mlp_linear_names(model: nn.Module) -> list[str] | None:
     return names
 
 
-def _stacked_mlp_loss(linear_names: list[str], label_smoothing: float):
+def _stacked_mlp_loss(linear_names: list[str], label_smoothing: float, dtype: torch.dtype = torch.float32):
     """Summed per-model losses of stacked MLPs, computed as (models, features, examples)
     with ``baddbmm``: on CPU this layout makes the ReLU and the softmax over a small
-    class dimension vectorise along examples, about twice as fast as the vmap layout."""
+    class dimension vectorise along examples, about twice as fast as the vmap layout.
+    Products and activations run in ``dtype`` (the inputs ``xb`` must already be in it),
+    the loss in float32."""
 
     def loss(p, xb, yb, wb):
-        h = xb  # (M, d, L): see _to_feature_major
+        h = xb  # (M, d, L), feature-major
         for k, name in enumerate(linear_names):
-            h = torch.baddbmm(p[f"{name}.bias"].unsqueeze(-1), p[f"{name}.weight"], h)
+            h = torch.baddbmm(p[f"{name}.bias"].unsqueeze(-1).to(dtype), p[f"{name}.weight"].to(dtype), h)
             if k < len(linear_names) - 1:
                 h = torch.relu(h)
+        h = h.float()
         lse = torch.logsumexp(h, 1)  # (M, L)
         correct = (h * yb).sum(1)  # yb: (M, C, L) one-hot
         per_example = lse - (1 - label_smoothing) * correct
@@ -298,16 +322,17 @@ def _train_batched(models, x, y, masks, subsets, seeds, settings, steps, total, 
     full_batch = settings.batch_size == 0
 
     def per_model_loss(p, xb, yb, wb):
-        logits = functional_call(base, p, (xb,))
-        return (F.cross_entropy(logits, yb, reduction="none", label_smoothing=settings.label_smoothing) * wb).sum()
+        with _autocast(x.device, settings):
+            logits = functional_call(base, p, (xb,))
+        return (F.cross_entropy(logits.float(), yb, reduction="none", label_smoothing=settings.label_smoothing) * wb).sum()
 
     linear_names = _mlp_linear_names(models[0])
     if linear_names is not None:
-        mlp_loss = _stacked_mlp_loss(linear_names, settings.label_smoothing)
+        mlp_loss = _stacked_mlp_loss(linear_names, settings.label_smoothing, settings.compute_dtype)
         num_classes = params[f"{linear_names[-1]}.weight"].shape[1]
 
         def loss_fn(p, xb, yb, wb):
-            xt = xb.reshape(xb.shape[0], xb.shape[1], -1).transpose(1, 2).contiguous()
+            xt = xb.reshape(xb.shape[0], xb.shape[1], -1).transpose(1, 2).to(settings.compute_dtype).contiguous()
             return mlp_loss(p, xt, F.one_hot(yb, num_classes).transpose(1, 2).to(xb.dtype), wb)
     else:
         loss_fn = torch.vmap(per_model_loss, in_dims=(0, 0, 0, 0))
@@ -316,7 +341,7 @@ def _train_batched(models, x, y, masks, subsets, seeds, settings, steps, total, 
         # masking the whole training set at alpha = 0.5.
         x_full, y_full, w_full = _padded_batch(x, y, subsets)
         if linear_names is not None:  # the layout change is done once, not every epoch
-            xt_full = x_full.reshape(x_full.shape[0], x_full.shape[1], -1).transpose(1, 2).contiguous()
+            xt_full = x_full.reshape(x_full.shape[0], x_full.shape[1], -1).transpose(1, 2).to(settings.compute_dtype).contiguous()
             y_full = F.one_hot(y_full, num_classes).transpose(1, 2).to(x.dtype)
             loss_fn = lambda p, xb, yb, wb: mlp_loss(p, xt_full, yb, wb)  # noqa: E731
     step = 0

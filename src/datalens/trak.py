@@ -96,6 +96,31 @@ def out_to_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: ModelO
         return task.out_to_loss(model.eval()(x), y)
 
 
+INT8_SLICES = 4  # 4 slices hold 29 bits of each gradient row: more than float32's 24
+INT8_RADIX = 128
+INT8_ROW_BLOCK = 512
+
+
+def int8_slices(g: torch.Tensor, slices: int = INT8_SLICES) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Split float rows into int8 slices: g = scale * sum_j q_j / 128^j, exact to within
+    float32 rounding of each entry plus 0.5 / 128^(slices-1) of ``scale`` (= each row's
+    max |g| / 127).
+
+    g: (n, d) -> ([slices x (n, d) int8], scale (n, 1)). With an integer P, g P is then a
+    few exact int8 GEMMs (int32 accumulation), which run ~8x faster than one float32 GEMM
+    on CPUs with VNNI: the scheme of Ozaki et al. for emulating float GEMMs with integers.
+    """
+    scale = g.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    r = g / scale
+    out = []
+    for j in range(slices):
+        q = r.round()
+        out.append(q.to(torch.int8))
+        if j < slices - 1:  # |r - q| <= 1/2, so the next slice fits in [-64, 64]
+            r.sub_(q).mul_(INT8_RADIX)
+    return out, scale
+
+
 @dataclass(frozen=True)
 class Projector:
     """A seeded d x k Johnson-Lindenstrauss matrix, never materialised whole.
@@ -121,17 +146,57 @@ class Projector:
         if self.proj_dim < 1:
             raise ValueError(f"trak.proj_dims must be >= 1, got {self.proj_dim}")
 
-    def _chunk(self, c: int, device, dtype) -> torch.Tensor:
+    def _generator(self, c: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.model_index, c, 5]).generate_state(1)[0]))
+
+    def _signs(self, c: int) -> torch.Tensor:
+        """Row chunk ``c`` of sqrt(k) P for the rademacher kind: (rows, k) int8 of ±1."""
         rows = min(PROJECTION_CHUNK, self.dim - c * PROJECTION_CHUNK)
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.model_index, c, 5]).generate_state(1)[0]))
+        size = rows * self.proj_dim
+        # 8 fair signs per random byte: ~2.5x cheaper than drawing normals, ~3x than randint per entry
+        words = torch.randint(0, 256, (-(-size // 8),), dtype=torch.uint8, generator=self._generator(c))
+        bits = ((words.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(torch.int8)
+        return bits.reshape(-1)[:size].view(rows, self.proj_dim).mul_(2).sub_(1)
+
+    def _chunk(self, c: int, device, dtype) -> torch.Tensor:
         if self.kind == "gaussian":
-            block = torch.randn(rows, self.proj_dim, generator=gen)
-        else:  # 8 fair signs per random byte: ~2.5x cheaper than drawing normals, ~3x than randint per entry
-            size = rows * self.proj_dim
-            words = torch.randint(0, 256, (-(-size // 8),), dtype=torch.uint8, generator=gen)
-            bits = (words.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-            block = bits.reshape(-1)[:size].view(rows, self.proj_dim).to(torch.float32).mul_(2).sub_(1)
+            rows = min(PROJECTION_CHUNK, self.dim - c * PROJECTION_CHUNK)
+            block = torch.randn(rows, self.proj_dim, generator=self._generator(c))
+        else:
+            block = self._signs(c).to(torch.float32)
         return (block / self.proj_dim ** 0.5).to(device=device, dtype=dtype)
+
+    def uses_int8(self, g: torch.Tensor) -> bool:
+        """Whether ``project(g)`` takes the exact int8 route (see :func:`int8_slices`): float32
+        gradients on a CPU with VNNI, a rademacher P and the torch backend."""
+        vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+        return self.kind == "rademacher" and self.backend == "torch" and g.device.type == "cpu" and g.dtype == torch.float32 and vnni
+
+    def _project_int8(self, g: torch.Tensor) -> torch.Tensor:
+        """g P with P's ±1 exact in int8 and g split by :func:`int8_slices`: integer products
+        accumulate exactly in int32, so the only rounding is the slices' (2^-29 of each row's
+        max, on top of float32 rounding of each entry) and the float32 sum of the slice
+        products: measured, a third of a float32 GEMM's error (tests/test_trak.py)."""
+        n_chunks = -(-self.dim // PROJECTION_CHUNK)
+        if self.dim <= self.block_rows:
+            cache = self.__dict__.setdefault("_cache", {})
+            if "int8" not in cache:
+                cache["int8"] = torch.cat([self._signs(c) for c in range(n_chunks)])
+            blocks, rows = [(0, cache["int8"])], INT8_ROW_BLOCK  # row blocks keep the slicing in cache
+        else:  # each P block is generated once, so all rows go through at once
+            per_block = max(1, self.block_rows // PROJECTION_CHUNK)
+            blocks = ((c0 * PROJECTION_CHUNK, torch.cat([self._signs(c) for c in range(c0, min(c0 + per_block, n_chunks))]))
+                      for c0 in range(0, n_chunks, per_block))
+            rows = len(g)
+        out = torch.zeros(g.shape[0], self.proj_dim, dtype=torch.float32)
+        parts = [(a, *int8_slices(g[a:a + rows])) for a in range(0, len(g), rows)]
+        for col, p8 in blocks:
+            for a, slices, scale in parts:
+                for j, q in enumerate(slices):
+                    out[a:a + len(q)] += torch._int_mm(q[:, col:col + p8.shape[0]], p8).float().mul_(INT8_RADIX ** -j)
+        for a, slices, scale in parts:
+            out[a:a + len(slices[0])] *= scale / self.proj_dim ** 0.5
+        return out
 
     def _project_fast_jl(self, g: torch.Tensor) -> torch.Tensor:
         if not g.is_cuda:
@@ -155,6 +220,8 @@ class Projector:
             raise ValueError(f"gradients have {g.shape[1]} columns, the projector expects d={self.dim}")
         if self.backend == "fast_jl":
             return self._project_fast_jl(g)
+        if self.uses_int8(g):
+            return self._project_int8(g)
         if self.dim <= self.block_rows:  # P fits in one block: generate it once per projector
             key = (g.device, g.dtype)
             cache = self.__dict__.setdefault("_cache", {})
@@ -192,6 +259,10 @@ def featurize(model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim
     projection GEMM more efficient. ``proj_dim=None`` keeps the raw gradients; a list of
     dimensions returns {k: ModelFeatures} from one gradient pass.
     """
+    from datalens.execution import keep_freed_memory
+
+    if x_train.device.type == "cpu":
+        keep_freed_memory()
     task = task or ClassificationMargin()
     dims = list(proj_dim) if isinstance(proj_dim, (list, tuple)) else [proj_dim]
     x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
