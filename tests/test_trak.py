@@ -77,6 +77,9 @@ def test_int8_slices_reconstruct_the_rows():
     rebuilt = sum(q.double() / 128.0 ** j for j, q in enumerate(slices)) * scale.double()
     # float32 rounding of each entry (in g / scale) plus the last slice's half step
     assert ((rebuilt - g.double()).abs() <= 2.0 ** -23 * g.double().abs() + 0.5 / 128 ** 3 * scale.double()).all()
+    g[3, 7] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"rows \[3\]"):
+        int8_slices(g)
 
 
 @pytest.mark.parametrize("block_rows", [16 * 1024, 1024])  # P cached whole, and P in blocks

@@ -110,7 +110,11 @@ def int8_slices(g: torch.Tensor, slices: int = INT8_SLICES) -> tuple[list[torch.
     few exact int8 GEMMs (int32 accumulation), which run ~8x faster than one float32 GEMM
     on CPUs with VNNI: the scheme of Ozaki et al. for emulating float GEMMs with integers.
     """
-    scale = g.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    scale = g.abs().amax(1, keepdim=True)
+    if not torch.isfinite(scale).all():  # int8 would turn NaN into silent garbage
+        bad = torch.nonzero(~torch.isfinite(scale.flatten())).flatten()[:5].tolist()
+        raise FloatingPointError(f"non-finite per-example gradients (rows {bad}...); check the model's outputs")
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny) / 127
     r = g / scale
     out = []
     for j in range(slices):
@@ -188,6 +192,7 @@ class Projector:
             blocks = ((c0 * PROJECTION_CHUNK, torch.cat([self._signs(c) for c in range(c0, min(c0 + per_block, n_chunks))]))
                       for c0 in range(0, n_chunks, per_block))
             rows = len(g)
+        # int32 cannot overflow: one product sums at most block_rows terms of size <= 127
         out = torch.zeros(g.shape[0], self.proj_dim, dtype=torch.float32)
         parts = [(a, *int8_slices(g[a:a + rows])) for a in range(0, len(g), rows)]
         for col, p8 in blocks:
