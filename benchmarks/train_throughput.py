@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from _common import ROOT, write_result
 from datalens.config import stage_params
-from datalens.training import SubsetRun, cached_dataset, init_models, margins_from_logits, subset_masks, train_range
+from datalens.training import SubsetRun, cached_dataset, init_models, margins_from_logits, train_range
 
 
 def naive_loop(run: SubsetRun, masks: np.ndarray, seeds: list[int], autocast: bool = False) -> tuple[np.ndarray, float]:
@@ -55,9 +55,8 @@ def main() -> None:
         raise SystemExit("this benchmark compares full-batch Adam, the embedded profile's setting")
     # Warm up both (data load, first-use imports, oneDNN's kernel per stack shape) on other
     # masks, so only training is timed; then the median of --repeats timings of each.
-    train_range(run, args.models, args.models + 2 * run.stack_size)
-    naive_loop(run, train_range(run, 0, 1)["masks"], run.model_seeds(0, 1))
-    masks, seeds = subset_masks(run.seed, run.mask_indices(0, args.models), cached_dataset(run.dataset, run.data_root).n_train, run.alpha), run.model_seeds(0, args.models)
+    warm = train_range(run, args.models, args.models + 2 * run.stack_size)
+    naive_loop(run, warm["masks"][:1], run.model_seeds(args.models, args.models + 1))
 
     def timed(fn):
         times, out = [], None
@@ -68,6 +67,7 @@ def main() -> None:
         return out, float(np.median(times)), times
 
     ours, t_ours, ours_times = timed(lambda: train_range(run, 0, args.models))
+    masks, seeds = ours["masks"], run.model_seeds(0, args.models)
     (base, acc_base), t_base, base_times = timed(lambda: naive_loop(run, masks, seeds))
     acc_ours = float(ours["test_accuracy"].mean())
     autocast = {}

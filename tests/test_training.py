@@ -66,9 +66,10 @@ def test_bfloat16_training_agrees_with_float32(digits):
     out = {}
     for precision in ("float32", "bfloat16"):
         settings = TrainSettings(epochs=30, lr=1e-2, weight_decay=1e-3, precision=precision)
-        logits = train_models(init_models(factory, seeds), x, y, masks, seeds, settings).logits(xt)
+        trained = train_models(init_models(factory, seeds), x, y, masks, seeds, settings)
+        assert all(p.dtype == torch.float32 for p in trained.params.values())
+        logits = trained.logits(xt)
         out[precision] = (margins_from_logits(logits, yt).numpy(), (logits.argmax(-1) == yt).float().mean().item())
-        assert next(iter(train_models(init_models(factory, seeds[:1]), x, y, masks[:1], seeds[:1], settings).params.values())).dtype == torch.float32
     (m32, acc32), (m16, acc16) = out["float32"], out["bfloat16"]
     assert abs(acc32 - acc16) < 0.01
     assert np.corrcoef(m32.ravel(), m16.ravel())[0, 1] > 0.999

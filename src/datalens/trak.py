@@ -20,7 +20,7 @@ validation subset models that the LDS evaluation never sees. Optional soft-thres
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -170,6 +170,21 @@ class Projector:
             block = self._signs(c).to(torch.float32)
         return (block / self.proj_dim ** 0.5).to(device=device, dtype=dtype)
 
+    def _blocks(self, make: Callable[[int], torch.Tensor], key):
+        """(first row, rows of P), concatenating ``make(c)`` over row chunks c: at most
+        ``block_rows`` rows at a time, or, when P fits in that, the whole P made once per
+        projector and cached under ``key``."""
+        n_chunks = -(-self.dim // PROJECTION_CHUNK)
+        if self.dim <= self.block_rows:
+            cache = self.__dict__.setdefault("_cache", {})
+            if key not in cache:
+                cache[key] = torch.cat([make(c) for c in range(n_chunks)])
+            yield 0, cache[key]
+            return
+        per_block = max(1, self.block_rows // PROJECTION_CHUNK)
+        for c0 in range(0, n_chunks, per_block):
+            yield c0 * PROJECTION_CHUNK, torch.cat([make(c) for c in range(c0, min(c0 + per_block, n_chunks))])
+
     def uses_int8(self, g: torch.Tensor) -> bool:
         """Whether ``project(g)`` takes the exact int8 route (see :func:`int8_slices`): float32
         gradients on a CPU with VNNI, a rademacher P and the torch backend."""
@@ -181,21 +196,13 @@ class Projector:
         accumulate exactly in int32, so the only rounding is the slices' (2^-29 of each row's
         max, on top of float32 rounding of each entry) and the float32 sum of the slice
         products: measured, a third of a float32 GEMM's error (tests/test_trak.py)."""
-        n_chunks = -(-self.dim // PROJECTION_CHUNK)
-        if self.dim <= self.block_rows:
-            cache = self.__dict__.setdefault("_cache", {})
-            if "int8" not in cache:
-                cache["int8"] = torch.cat([self._signs(c) for c in range(n_chunks)])
-            blocks, rows = [(0, cache["int8"])], INT8_ROW_BLOCK  # row blocks keep the slicing in cache
-        else:  # each P block is generated once, so all rows go through at once
-            per_block = max(1, self.block_rows // PROJECTION_CHUNK)
-            blocks = ((c0 * PROJECTION_CHUNK, torch.cat([self._signs(c) for c in range(c0, min(c0 + per_block, n_chunks))]))
-                      for c0 in range(0, n_chunks, per_block))
-            rows = len(g)
+        cached = self.dim <= self.block_rows
+        # cached: row blocks keep the slicing in cache; else each P block is made once, so all rows go at once
+        rows = INT8_ROW_BLOCK if cached else len(g)
         # int32 cannot overflow: one product sums at most block_rows terms of size <= 127
         out = torch.zeros(g.shape[0], self.proj_dim, dtype=torch.float32)
         parts = [(a, *int8_slices(g[a:a + rows])) for a in range(0, len(g), rows)]
-        for col, p8 in blocks:
+        for col, p8 in self._blocks(self._signs, "int8"):
             for a, slices, scale in parts:
                 for j, q in enumerate(slices):
                     out[a:a + len(q)] += torch._int_mm(q[:, col:col + p8.shape[0]], p8).float().mul_(INT8_RADIX ** -j)
@@ -227,20 +234,10 @@ class Projector:
             return self._project_fast_jl(g)
         if self.uses_int8(g):
             return self._project_int8(g)
-        if self.dim <= self.block_rows:  # P fits in one block: generate it once per projector
-            key = (g.device, g.dtype)
-            cache = self.__dict__.setdefault("_cache", {})
-            if key not in cache:
-                cache[key] = torch.cat([self._chunk(c, g.device, g.dtype) for c in range(-(-self.dim // PROJECTION_CHUNK))])
-            return g @ cache[key]
-        out = torch.zeros(g.shape[0], self.proj_dim, device=g.device, dtype=g.dtype)
-        per_block = max(1, self.block_rows // PROJECTION_CHUNK)
-        n_chunks = -(-self.dim // PROJECTION_CHUNK)
-        for c0 in range(0, n_chunks, per_block):
-            cs = range(c0, min(c0 + per_block, n_chunks))
-            p = torch.cat([self._chunk(c, g.device, g.dtype) for c in cs])
-            a = c0 * PROJECTION_CHUNK
-            out += g[:, a:a + p.shape[0]] @ p
+        out = None
+        for a, p in self._blocks(lambda c: self._chunk(c, g.device, g.dtype), (g.device, g.dtype)):
+            part = g[:, a:a + p.shape[0]] @ p
+            out = part if out is None else out.add_(part)
         return out
 
 
