@@ -8,7 +8,7 @@ from torch import nn
 from datalens.attribution import (
     empirical_influence, grad_cosine, grad_dot, influence_cg, influence_explicit, representation_similarity, tracin,
 )
-from datalens.training import margins_from_logits
+from datalens.outputs import margins_from_logits
 
 
 def _tiny(seed=0):

@@ -13,7 +13,8 @@ import pytest
 from conftest import tiny_run
 from datalens.execution import BlockJobError, RayExecutor, make_executor
 from datalens.store import open_existing
-from datalens.training import TrainSettings, prepare_store, train_subset_models
+from datalens.engine import TrainSettings
+from datalens.runs import prepare_store, train_subset_models
 
 TESTS = Path(__file__).parent
 
@@ -44,7 +45,7 @@ def test_unreachable_cluster_address_fails_fast_with_the_param_named():
 
 def test_local_and_ray_give_equal_stores(tmp_path, ray_instance):
     local = train_subset_models(tiny_run(tmp_path / "local.zarr"), progress=False)
-    executor = make_executor({"backend": "ray", "address": "local", "num_cpus_per_task": 1, "max_retries": 1})
+    executor = make_executor({"backend": "ray", "address": "local", "num_cpus_per_task": 1, "num_gpus_per_task": 0, "max_retries": 1})
     distributed = train_subset_models(tiny_run(tmp_path / "ray.zarr"), executor=executor, progress=False)
     _assert_equal_stores(local, distributed)
 
@@ -86,7 +87,7 @@ def test_driver_killed_mid_stage_then_rerun_trains_only_the_missing_models(tmp_p
     time.sleep(2)  # the driver's Ray instance notices its owner is gone and stops its workers
     partial = open_existing(str(store_url)).completed()
 
-    import datalens.training as tr
+    import datalens.runs as tr
     trained = []
     real = tr.train_block
     monkeypatch.setattr(tr, "train_block", lambda r, b: trained.append(b) or real(r, b))

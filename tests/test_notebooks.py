@@ -1,5 +1,6 @@
 """Each stage notebook runs end to end through papermill at a tiny size, through the
-same params path `dvc repro` uses; committed notebooks carry no outputs."""
+same params path `dvc repro` uses, with every store given as a ``file://`` URL (fsspec);
+committed notebooks carry no outputs."""
 import json
 import subprocess
 
@@ -10,12 +11,13 @@ TRAIN = {"train.num_models": 80, "train.block_size": 40, "train.num_checkpoints"
 TINY = {  # the pipeline in order; each stage reads what the one before wrote
     "01_train_subsets": {**COMMON, **TRAIN},
     "02_eval_models": {**COMMON, "evaluation.num_masks": 12, "evaluation.repeats": 2, "train.block_size": 12},
-    "03_fit_datamodels": {"datamodels.model_counts": [40], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20},
+    "03_fit_datamodels": {"datamodels.model_counts": [60], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20},
     "04_counterfactuals": {**COMMON, "counterfactuals.num_targets": 2, "counterfactuals.ks": [2, 4], "counterfactuals.num_retrains": 1},
     "05_attribution_comparison": {
-        **COMMON, **TRAIN, "datamodels.model_counts": [40], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20,
-        "trak.num_models": [1, 2], "trak.proj_dims": [16, 32], "trak.ridge_grid": [0.1, 1.0], "trak.num_val_models": 20,
+        **COMMON, **TRAIN, "datamodels.model_counts": [60], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20,
+        "trak.num_models": [1, 2], "trak.proj_dims": [16, 32], "trak.ridge_grid": [0.1, 1.0], "attribution.selection_models": 20,
         "attribution.ensemble_sizes": [1, 2], "attribution.dampings": [1.0, 10.0], "attribution.tracin_epochs": [2, 5],
+        "attribution.ekfac_dampings": [0.01, 1.0],
     },
 }
 
@@ -24,8 +26,8 @@ def _run(root, tmp_path, name, overrides, extra=None):
     from datalens.config import declared_params
     stage = name.split("_", 1)[1]
     declared = declared_params(stage, root)
-    stores = {"train.store": str(tmp_path / "train.zarr"), "evaluation.store": str(tmp_path / "eval.zarr"),
-              "trak.store": str(tmp_path / "trak.zarr")}
+    stores = {"train.store": f"file://{tmp_path}/train.zarr", "evaluation.store": f"file://{tmp_path}/eval.zarr",
+              "trak.store": f"file://{tmp_path}/trak.zarr"}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
     out = tmp_path / stage
     pm.execute_notebook(
@@ -46,16 +48,22 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     m2 = _run(root, tmp_path, "02_eval_models", TINY["02_eval_models"])
     assert m2["num_models"] == 24 and -1 <= m2["seed_agreement"] <= 1
     m3 = _run(root, tmp_path, "03_fit_datamodels", TINY["03_fit_datamodels"], extra)
-    assert m3["num_models"] == 80 and set(m3["growth"]) == {"40", "80"}
+    assert m3["num_models"] == 80 and set(m3["growth"]) == {"60", "80"}
     assert -1 <= m3["lds_mean"] <= 1 and m3["mean_nonzero_weights"] >= 0
     m4 = _run(root, tmp_path, "04_counterfactuals", TINY["04_counterfactuals"], extra)
-    assert set(m4["fraction_flipped_predicted"]) == {"2", "4"}
+    assert set(m4["brittleness"]["fraction_flipped_predicted"]) == set(m4["brittleness"]["fraction_flipped_confirmed"]) == {"2", "4"}
+    assert set(m4["agreement"]) == {"pooled", "top_positive", "top_negative", "random"}
     m5 = _run(root, tmp_path, "05_attribution_comparison", TINY["05_attribution_comparison"])
     methods = {r["method"] for r in m5["records"]}
     assert methods >= {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "representation_similarity",
-                       "influence_explicit", "tracin"}  # influence_cg drops out only if every damping is indefinite
+                       "influence_explicit", "tracin", "ekfac_influence"}  # influence_cg drops out only if every damping is indefinite
     assert len([r for r in m5["records"] if r["method"] == "trak"]) == 4  # every (M, k)
     assert all(-1 <= r["lds"] <= 1 and r["seconds"] > 0 for r in m5["records"])
+    # every method that chooses a hyperparameter on the 20 validation models is charged for them
+    for r in m5["records"]:
+        assert r["models"] == r["models_used"] + (20 if r["selects_on_validation"] else 0), r
+    assert {r["method"] for r in m5["records"] if r["selects_on_validation"]} >= {"trak", "influence_explicit", "ekfac_influence"}
+    assert not (tmp_path / "file:").exists()  # the URL stores were not taken for relative paths
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

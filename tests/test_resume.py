@@ -10,7 +10,7 @@ import numpy as np
 
 from conftest import tiny_run
 from datalens.store import open_existing
-from datalens.training import train_subset_models
+from datalens.runs import train_subset_models
 
 CHILD = Path(__file__).parent / "resume_child.py"
 

@@ -4,7 +4,7 @@ import zarr
 
 from conftest import tiny_run
 from datalens.store import StoreError, open_existing
-from datalens.training import prepare_store, train_range, train_subset_models
+from datalens.runs import prepare_store, train_range, train_subset_models
 
 
 def test_run_fills_the_store_and_matches_direct_training(tmp_path):
@@ -23,7 +23,7 @@ def test_run_fills_the_store_and_matches_direct_training(tmp_path):
 def test_rerun_skips_completed_models_and_grows_when_asked(tmp_path, monkeypatch):
     run = tiny_run(tmp_path / "s.zarr")
     train_subset_models(run, progress=False)
-    import datalens.training as tr
+    import datalens.runs as tr
     calls = []
     real = tr.train_block
     monkeypatch.setattr(tr, "train_block", lambda r, b: calls.append(b) or real(r, b))
@@ -48,7 +48,7 @@ def test_corrupted_store_is_named_and_left_in_place(tmp_path):
     train_subset_models(tiny_run(url), progress=False)
     group = zarr.open_group(str(url), mode="r+")
     del group["completed"]
-    with pytest.raises(StoreError, match="corrupted or not a datalens store"):
+    with pytest.raises(StoreError, match="corrupted or not a datalens subset store"):
         prepare_store(tiny_run(url))
     assert (url / "masks").exists()
 

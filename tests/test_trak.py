@@ -3,8 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from datalens.metrics import linear_datamodeling_score
-from datalens.trak import Projector, featurize, int8_slices, per_example_gradients, soft_threshold, trak_scores
+from datalens.evaluation import linear_datamodeling_score
+from datalens.outputs import per_example_gradients
+from datalens.projection import Projector, int8_slices
+from datalens.trak import featurize, soft_threshold, trak_scores
 
 
 def _logreg(seed=0, d=6, c=3):
@@ -137,21 +139,21 @@ def test_feature_store_refuses_features_from_another_projector_version(tmp_path,
     from conftest import tiny_run
     from datalens.store import StoreError
     from datalens.trak import FeatureJob, featurize_checkpoints
-    from datalens.training import train_subset_models
+    from datalens.runs import train_subset_models
 
     run = tiny_run(tmp_path / "s.zarr", num_models=4, num_checkpoints=2)
     train_subset_models(run, progress=False)
     job = FeatureJob(run, str(tmp_path / "f.zarr"), (8,))
-    group = featurize_checkpoints(job, 2, progress=False)
-    assert np.asarray(group["completed"][:]).all()
+    store = featurize_checkpoints(job, 2, progress=False)
+    assert store.completed().all() and (store.seconds(2, 8) > 0).all()
     monkeypatch.setattr(trak_module, "PROJECTOR_VERSION", trak_module.PROJECTOR_VERSION + 1)
-    with pytest.raises(StoreError, match="other params"):
+    with pytest.raises(StoreError, match="made with projector_version=2, but the params now say projector_version=3"):
         featurize_checkpoints(job, 2, progress=False)
 
 
 def test_fast_jl_is_optional_and_refuses_cpu_gradients():
-    from datalens.trak import projector_backend
-    assert projector_backend("cpu") == "torch"
+    from datalens.projection import projector_backend
+    assert projector_backend(torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="CUDA device"):
         Projector(100, 512, backend="fast_jl").project(torch.zeros(4, 100))
     with pytest.raises(ValueError, match="allowed values: torch, fast_jl"):

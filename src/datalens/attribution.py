@@ -18,6 +18,9 @@ parameters, and the target side is ``grad f_x``.
 """
 from __future__ import annotations
 
+import copy
+import tempfile
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -25,8 +28,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils.data import TensorDataset
 
-from datalens.trak import out_to_loss, per_example_gradients
+from datalens.outputs import margins_from_logits, out_to_loss, per_example_gradients
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The name and module of the model's last ``nn.Linear`` (its output layer), found by module
+    type rather than by parameter order (ResNet-9 ends in a scaling module after it)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to attribute through")
+    return linears[-1]
+
+
+def last_layer_params(model: nn.Module) -> list[str]:
+    """Parameter names of the model's last linear layer (weight, and bias when it has one)."""
+    name, layer = last_linear(model)
+    return [f"{name}.{p}" for p, _ in layer.named_parameters()]
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The inputs to the model's last linear layer, (n, width): its penultimate representation."""
+    captured = []
+    handle = last_linear(model)[1].register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        handle.remove()
+    return captured[0].flatten(1)
 
 
 def _helpful_grads(model, x, y, param_names=None):
@@ -53,12 +84,10 @@ def tracin(checkpoints: Sequence[nn.Module], lrs: Sequence[float], x_train, y_tr
     return sum(lr * grad_dot(m, x_train, y_train, x_targets, y_targets, param_names) for m, lr in zip(checkpoints, lrs))
 
 
-def representation_similarity(model: nn.Sequential, x_train, x_targets) -> np.ndarray:
-    """Cosine similarity of the inputs to the last layer (the penultimate representation)."""
-    body = model[:-1].eval()
-    with torch.no_grad():
-        a, b = body(x_train).double(), body(x_targets).double()
-    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).numpy()
+def representation_similarity(model: nn.Module, x_train, x_targets) -> np.ndarray:
+    """Cosine similarity of penultimate features (the inputs to the last linear layer)."""
+    a, b = penultimate_features(model, x_train).double(), penultimate_features(model, x_targets).double()
+    return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).cpu().numpy()
 
 
 def _training_loss_fn(model, x, y, names):
@@ -78,8 +107,9 @@ def _training_loss_fn(model, x, y, names):
 
 def influence_explicit(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None):
     """Influence with an explicit damped Hessian over ``param_names`` (all by default; keep d small).
-    ``damping`` may be a list: then {damping: scores}, with the Hessian formed once."""
-    model = model.eval().double()
+    ``damping`` may be a list: then {damping: scores}, with the Hessian formed once.
+    Works on a float64 copy: the caller's model is left as it is."""
+    model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
     mask = torch.as_tensor(np.asarray(train_mask, bool))
     loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
@@ -95,8 +125,9 @@ def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damp
                  iters: int = 100, tol: float = 1e-8) -> np.ndarray:
     """Influence by conjugate gradient on (H + damping I) v = grad f_x, all targets at once,
     with Hessian-vector products (forward-over-reverse); never forms H. CG needs
-    H + damping I positive definite: a clear error says when damping is too small."""
-    model = model.eval().double()
+    H + damping I positive definite: a clear error says when damping is too small.
+    Works on a float64 copy: the caller's model is left as it is."""
+    model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
     mask = torch.as_tensor(np.asarray(train_mask, bool))
     loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
@@ -140,3 +171,49 @@ def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
     mean_out = (1 - masks).T @ margins / n_out[:, None]
     return mean_in - mean_out
 
+
+
+def ekfac_influence(model: nn.Module, x_train, y_train, x_targets, y_targets, dampings: Sequence[float],
+                    batch_size: int = 512) -> dict[float, np.ndarray]:
+    """Influence functions with an EK-FAC Hessian (George et al., 2018; Grosse et al., 2023), by
+    kronfluence: tau[i, x] = grad f_x^T (G + damping I)^{-1} (-grad L_i), G the EK-FAC
+    approximation of the Gauss-Newton Hessian of the mean training loss over
+    ``(x_train, y_train)``, fitted once. Returns {damping: (n_train, t)} (same sign convention
+    as :func:`influence_explicit`). kronfluence is an optional dependency (``make venv``
+    installs it); the caller's model is left as it is.
+    """
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class MarginTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:  # the true Fisher: labels drawn from the model's own predictions
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return margins_from_logits(model(x), y).sum()
+
+    task = MarginTask()
+    tracked = prepare_model(copy.deepcopy(model).float().eval(), task)
+    train = TensorDataset(x_train.float().cpu(), y_train.cpu())
+    query = TensorDataset(x_targets.float().cpu(), y_targets.cpu())
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # kronfluence's torch.cuda.amp calls, on every run
+        analyzer = Analyzer("datalens", tracked, task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size,
+                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        for d in dampings:
+            name = f"scores_{len(out)}"
+            analyzer.compute_pairwise_scores(name, "ekfac", query, train, per_device_query_batch_size=batch_size,
+                                             per_device_train_batch_size=batch_size,
+                                             score_args=ScoreArguments(damping_factor=float(d)), overwrite_output_dir=True)
+            # kronfluence scores grad f_x^T G^{-1} grad L_i (query x train); training on z_i moves along -grad L_i
+            out[float(d)] = -analyzer.load_pairwise_scores(name)["all_modules"].double().T.numpy()
+    return out

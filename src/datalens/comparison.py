@@ -1,13 +1,19 @@
-"""The LDS-versus-compute comparison (the analogue of the TRAK paper's Figure 1):
-every attribution method at a grid of compute budgets, each scored by LDS on the
-held-out evaluation models.
+"""The LDS-versus-compute comparison (the analogue of the TRAK paper's Figure 1): every
+attribution method at a grid of compute budgets, each scored by LDS on the held-out
+evaluation models.
 
-Compute is counted two ways: the number of trained models a method needs, and wall
-seconds. Wall seconds are (models x measured seconds to train one model) plus the
-method's own time, hyperparameter search on validation models included.
-Hyperparameters (TRAK's ridge and soft-threshold, influence damping) are chosen on
-*validation* subset models: the last ``trak.num_val_models`` models of the training
-store, never the LDS evaluation models.
+**Accounting, the same for every method** (also in the figure's caption and the README):
+
+* *models*: every trained model a method uses is charged: the subset models it fits on
+  or the checkpoints it differentiates, plus, for a method that chooses a hyperparameter
+  (TRAK's ridge and soft-threshold, the damping of influence functions and EK-FAC), the
+  ``attribution.selection_models`` validation models it chooses on. Datamodels choose
+  lambda on a split of their own N models, so they pay out of N.
+* *seconds*: charged models x the measured seconds to train one model (a median over
+  repeats), plus the method's own wall time, timed the same way for all: reading the
+  store (masks, margins, checkpoints or features), featurising (each k charged its own
+  gradient and projection time, although one pass computes them all), fitting and
+  selection. TracIn is charged one model at the same per-model rate, plus its scoring.
 """
 from __future__ import annotations
 
@@ -16,14 +22,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datalens import attribution, datamodels, trak
-from datalens.metrics import linear_datamodeling_score
+from datalens import attribution, datamodels
+from datalens.engine import init_models, train_models
+from datalens.evaluation import linear_datamodeling_score, select_by_lds
+from datalens.runs import SubsetRun
+from datalens.store import SubsetStore
+from datalens.trak import FeatureStore, kernel_terms, soft_threshold
+
+ACCOUNTING = ("Charged to every method: each trained model it uses (subset models, checkpoints, and the {s} "
+              "validation models on which it chooses a hyperparameter) at {rate:.1f} ms per model, plus its own "
+              "wall time (store reads, featurisation per k, fitting, selection).")
 
 
 @dataclass
 class Ground:
-    """LDS ground truth: evaluation masks (m, n) with mean and single-model margins (m, t),
-    and validation masks/margins from the training store."""
+    """LDS ground truth: evaluation masks (m, n) with mean and single-model margins (m, t);
+    and the selection (validation) masks (s, n) and margins (s, t) from the training store."""
 
     masks: np.ndarray
     actual_mean: np.ndarray
@@ -37,128 +51,160 @@ class Comparison:
     seconds_per_model: float
     ground: Ground
     records: list[dict] = field(default_factory=list)
-    scores: dict = field(default_factory=dict)  # method label -> (n, t) scores, for figures
+    scores: dict = field(default_factory=dict)  # (method, models used, proj_dim) -> (n, t) scores, for figures
 
-    def add(self, method: str, models: int, seconds: float, scores: np.ndarray, **knobs) -> dict:
+    @property
+    def selection_models(self) -> int:
+        return len(self.ground.val_masks)
+
+    def add(self, method: str, models: int, own_seconds: float, scores: np.ndarray, selects: bool, **knobs) -> dict:
+        """Record one point: ``models`` trained models used (selection models are added when
+        ``selects``), ``own_seconds`` the method's own wall time; charges per the module docstring."""
+        charged = int(models) + (self.selection_models if selects else 0)
         g = self.ground
-        rec = {"method": method, "models": int(models), "seconds": float(seconds),
+        rec = {"method": method, "models": charged, "models_used": int(models), "selects_on_validation": selects,
+               "own_seconds": float(own_seconds), "seconds": charged * self.seconds_per_model + float(own_seconds),
                "lds": linear_datamodeling_score(scores, g.masks, g.actual_mean),
                "lds_single": linear_datamodeling_score(scores, g.masks, g.actual_single), **knobs}
         self.records.append(rec)
-        self.scores[(method, models, knobs.get("proj_dim"))] = scores
+        self.scores[(method, int(models), knobs.get("proj_dim"))] = scores
         return rec
 
+    def select(self, candidates: dict) -> tuple:
+        return select_by_lds(candidates, self.ground.val_masks, self.ground.val_margins)
 
-def _val_lds(scores, g: Ground) -> float:
-    return linear_datamodeling_score(scores, g.val_masks, g.val_margins)
+    def caption(self) -> str:
+        return ACCOUNTING.format(s=self.selection_models, rate=1000 * self.seconds_per_model)
 
 
-def run_trak(cmp: Comparison, group, num_models: list[int], proj_dims: list[int], ridges: list[float]) -> None:
-    """TRAK at every (M, k): ridge chosen on validation, then optional soft-thresholding
-    with its threshold chosen on validation too. Per-model kernel terms are summed
-    cumulatively, so all M share the work."""
-    feat_seconds = np.asarray(group["seconds"][:max(num_models)])
+def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], proj_dims: list[int], ridges: list[float]) -> None:
+    """TRAK at every (M, k): ridge chosen on validation, then optional soft-thresholding with
+    its threshold chosen on validation too. Per-model kernel terms are summed cumulatively,
+    so all M share the work; each M is charged the featurisation of its M checkpoints at k."""
     for k in proj_dims:
         sums = {r: 0.0 for r in ridges}
-        q_sum, score_seconds = 0.0, 0.0
+        q_sum, own = 0.0, 0.0
         for m in range(max(num_models)):
-            f = trak.load_features(group, [m], k)[0]
             t0 = time.perf_counter()
-            for r, term in trak.kernel_terms(f, ridges).items():
+            f = features.features([m], k)[0]
+            for r, term in kernel_terms(f, ridges).items():
                 sums[r] = sums[r] + term
             q_sum = q_sum + f.q.double()
-            score_seconds += time.perf_counter() - t0
+            own += time.perf_counter() - t0
             M = m + 1
             if M not in num_models:
                 continue
             t0 = time.perf_counter()
             candidates = {r: ((q_sum / M)[:, None] * sums[r] / M).numpy() for r in ridges}
-            best, val = trak.select_by_lds(candidates, cmp.ground.val_masks, cmp.ground.val_margins)
+            best, val = cmp.select(candidates)
             tau = candidates[best]
-            thresholds = {float(t): trak.soft_threshold(tau, t) for t in np.quantile(np.abs(tau), [0.5, 0.8, 0.9, 0.95])}
-            t_best, _ = trak.select_by_lds({0.0: tau, **thresholds}, cmp.ground.val_masks, cmp.ground.val_margins)
-            seconds = M * cmp.seconds_per_model + feat_seconds[:M].sum() + score_seconds + time.perf_counter() - t0
-            rec = cmp.add("trak", M, seconds, tau, proj_dim=k, ridge=best, val_lds_by_ridge={str(r): v for r, v in val.items()})
-            thr = {0.0: tau, **thresholds}[t_best]
-            rec["lds_soft_threshold"] = linear_datamodeling_score(thr, cmp.ground.masks, cmp.ground.actual_mean)
+            thresholds = {float(t): soft_threshold(tau, t) for t in np.quantile(np.abs(tau), [0.5, 0.8, 0.9, 0.95])}
+            t_best, _ = cmp.select({0.0: tau, **thresholds})
+            seconds = own + time.perf_counter() - t0 + float(features.seconds(M, k).sum())
+            rec = cmp.add("trak", M, seconds, tau, True, proj_dim=k, ridge=best,
+                          val_lds_by_ridge={str(r): v for r, v in val.items()})
+            rec["lds_soft_threshold"] = linear_datamodeling_score({0.0: tau, **thresholds}[t_best], cmp.ground.masks,
+                                                                  cmp.ground.actual_mean)
             rec["soft_threshold"] = t_best
             rec["eval_lds_by_ridge"] = {str(r): linear_datamodeling_score(c, cmp.ground.masks, cmp.ground.actual_mean)
                                         for r, c in candidates.items()}
 
 
-def run_datamodels(cmp: Comparison, store, counts: list[int], solver: dict, val_fraction: float, seed: int) -> None:
+def run_datamodels(cmp: Comparison, store: SubsetStore, counts: list[int], solver: dict, val_fraction: float, seed: int) -> None:
+    """Datamodels from the first N models (lambda chosen on their own validation split)."""
     for n in counts:
         t0 = time.perf_counter()
         dm, _ = datamodels.fit_from_store(store, num_models=n, val_fraction=val_fraction, seed=seed, progress=False, **solver)
-        cmp.add("datamodels", n, n * cmp.seconds_per_model + time.perf_counter() - t0, dm.weight)
+        cmp.add("datamodels", n, time.perf_counter() - t0, dm.weight, False)
 
 
-def run_empirical_influence(cmp: Comparison, store, counts: list[int]) -> None:
+def run_empirical_influence(cmp: Comparison, store: SubsetStore, counts: list[int]) -> None:
     done = np.flatnonzero(store.completed())
     for n in counts:
         t0 = time.perf_counter()
         scores = attribution.empirical_influence(store.read("masks", done[:n]), store.read("test_margins", done[:n]))
-        cmp.add("empirical_influence", n, n * cmp.seconds_per_model + time.perf_counter() - t0, scores)
+        cmp.add("empirical_influence", n, time.perf_counter() - t0, scores, False)
 
 
-def _timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
-
-
-def run_gradient_baselines(cmp: Comparison, models: list, masks: np.ndarray, data: tuple, ensemble_sizes: list[int],
-                           dampings: list[float], last_layer: list[str], cg_iters: int = 30) -> None:
-    """Gradient dot product and cosine (averaged over M models), representation similarity,
-    and influence functions (explicit Hessian over the last layer; CG over all parameters),
-    with damping chosen on validation models."""
-    x_tr, y_tr, x_te, y_te = data
-    for M in ensemble_sizes:
-        for name, fn in (("grad_dot", attribution.grad_dot), ("grad_cosine", attribution.grad_cosine)):
+def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, ensemble_sizes: list[int],
+                           dampings: list[float], ekfac_dampings: list[float], cg_iters: int = 30) -> None:
+    """Gradient dot product and cosine and EK-FAC influence (averaged over M checkpoints),
+    representation similarity, influence functions (explicit Hessian over the last layer; CG
+    over all parameters). Dampings are chosen on validation models. Checkpoint loading is timed."""
+    x_tr, y_tr, x_te, y_te = run.dataset_().tensors()
+    n_max = max(ensemble_sizes)
+    load, models = [], []
+    for m in range(n_max):
+        t0 = time.perf_counter()
+        models.append(run.load_checkpoint(store, m))
+        load.append(time.perf_counter() - t0)
+    for name, fn in (("grad_dot", attribution.grad_dot), ("grad_cosine", attribution.grad_cosine)):
+        total, own = 0.0, 0.0
+        for m in range(n_max):
             t0 = time.perf_counter()
-            s = sum(fn(m, x_tr, y_tr, x_te, y_te) for m in models[:M]) / M
-            cmp.add(name, M, M * cmp.seconds_per_model + time.perf_counter() - t0, s)
-    s, sec = _timed(attribution.representation_similarity, models[0], x_tr, x_te)
-    cmp.add("representation_similarity", 1, cmp.seconds_per_model + sec, s)
+            total = total + fn(models[m], x_tr, y_tr, x_te, y_te)
+            own += load[m] + time.perf_counter() - t0
+            if m + 1 in ensemble_sizes:
+                cmp.add(name, m + 1, own, total / (m + 1), False)
+    sums, own = {d: 0.0 for d in ekfac_dampings}, 0.0
+    for m in range(n_max):
+        t0 = time.perf_counter()
+        for d, s in attribution.ekfac_influence(models[m], x_tr, y_tr, x_te, y_te, ekfac_dampings).items():
+            sums[d] = sums[d] + s
+        own += load[m] + time.perf_counter() - t0
+        if m + 1 in ensemble_sizes:
+            t0 = time.perf_counter()
+            best, _ = cmp.select({d: s / (m + 1) for d, s in sums.items()})
+            cmp.add("ekfac_influence", m + 1, own + time.perf_counter() - t0, sums[best] / (m + 1), True, damping=best)
     t0 = time.perf_counter()
-    candidates = attribution.influence_explicit(models[0], x_tr, y_tr, masks[0], x_te, y_te, damping=list(dampings), param_names=last_layer)
-    best, _ = trak.select_by_lds(candidates, cmp.ground.val_masks, cmp.ground.val_margins)
-    cmp.add("influence_explicit", 1, cmp.seconds_per_model + time.perf_counter() - t0, candidates[best], damping=best, params="last layer")
+    cmp.add("representation_similarity", 1, load[0] + time.perf_counter() - t0,
+            attribution.representation_similarity(models[0], x_tr, x_te), False)
+    mask = store.read("masks", np.arange(1))[0]
+    t0 = time.perf_counter()
+    candidates = attribution.influence_explicit(models[0], x_tr, y_tr, mask, x_te, y_te, damping=list(dampings),
+                                                param_names=attribution.last_layer_params(models[0]))
+    best, _ = cmp.select(candidates)
+    cmp.add("influence_explicit", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="last layer")
     # CG over all parameters, from the largest damping down: stop at the first indefinite system
     t0 = time.perf_counter()
     candidates = {}
     for d in sorted(dampings, reverse=True):
         try:
-            candidates[d] = attribution.influence_cg(models[0], x_tr, y_tr, masks[0], x_te, y_te, damping=d, iters=cg_iters)
+            candidates[d] = attribution.influence_cg(models[0], x_tr, y_tr, mask, x_te, y_te, damping=d, iters=cg_iters)
         except ValueError:
             break
     if candidates:
-        best, _ = trak.select_by_lds(candidates, cmp.ground.val_masks, cmp.ground.val_margins)
-        cmp.add("influence_cg", 1, cmp.seconds_per_model + time.perf_counter() - t0, candidates[best], damping=best, params="all")
+        best, _ = cmp.select(candidates)
+        cmp.add("influence_cg", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="all")
 
 
-def run_tracin(cmp: Comparison, run, mask: np.ndarray, data: tuple, snapshot_epochs: list[int]) -> None:
-    """TracIn over snapshots of one model's training (one trained model)."""
-    from datalens.training import cached_dataset, init_models, model_seed, train_models
-    x_tr, y_tr, x_te, y_te = data
-    ds = cached_dataset(run.dataset, run.data_root)
+def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epochs: list[int]) -> None:
+    """TracIn over snapshots of one model's training. The model is retrained here only because
+    the store keeps final weights; it is charged as one model at the common per-model rate."""
+    x_tr, y_tr, x_te, y_te = run.dataset_().tensors()
+    seeds = run.model_seeds(0, 1)
+    trained = train_models(init_models(run.build_model, seeds), x_tr, y_tr, mask[None], seeds, run.settings,
+                           snapshot_epochs=snapshot_epochs)
     t0 = time.perf_counter()
-    seeds = [model_seed(run.seed, 0, 0, run.stream)]
-    models = init_models(lambda: run.build_model(ds), seeds)
-    trained = train_models(models, x_tr, y_tr, mask[None], seeds, run.settings, snapshot_epochs=snapshot_epochs)
     checkpoints = []
     for state in trained.snapshots[0]:
-        m = run.build_model(ds)
+        m = run.build_model()
         m.load_state_dict(state)
         checkpoints.append(m)
     scores = attribution.tracin(checkpoints, [run.settings.lr] * len(checkpoints), x_tr, y_tr, x_te, y_te)
-    cmp.add("tracin", 1, time.perf_counter() - t0, scores, checkpoints=len(checkpoints))
+    cmp.add("tracin", 1, time.perf_counter() - t0, scores, False, checkpoints=len(checkpoints))
 
 
-def measure_seconds_per_model(run, count: int = 16) -> float:
-    from datalens.training import train_range
-    train_range(run, 0, 1)  # warm up
-    t0 = time.perf_counter()
-    train_range(run, 0, count)
-    return (time.perf_counter() - t0) / count
-
+def overtaking_point(records: list[dict], method: str = "datamodels", rival: str = "trak", proj_dim: int | None = None) -> dict:
+    """The cheapest point of ``method`` whose LDS beats the rival's best LDS at any budget, with
+    both budgets; ``{}`` when it never does."""
+    rivals = [r for r in records if r["method"] == rival and (proj_dim is None or r.get("proj_dim") == proj_dim)]
+    if not rivals:
+        return {}
+    top = max(rivals, key=lambda r: r["lds"])
+    better = sorted((r for r in records if r["method"] == method and r["lds"] > top["lds"]), key=lambda r: r["seconds"])
+    if not better:
+        return {}
+    first = better[0]
+    return {"models": first["models"], "seconds": first["seconds"], "lds": first["lds"], f"{rival}_best_lds": top["lds"],
+            f"{rival}_best_models": top["models"], f"{rival}_best_seconds": top["seconds"]}

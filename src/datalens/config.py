@@ -9,10 +9,15 @@ code.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
+
+from datalens.data import DATASETS, TEST_SIZES
+from datalens.models import MODELS
 
 
 class ParamError(ValueError):
@@ -35,6 +40,14 @@ def get_dotted(tree: dict, key: str) -> Any:
             raise ParamError(f"param '{key}' is missing from params.yaml")
         node = node[part]
     return node
+
+
+def resolve_location(p: dict, location: str) -> str:
+    """A store or data location from params: a URL (``s3://``, ``file://``, ``memory://``) or an
+    absolute path as it is; a relative path joined to the repo root the params came with."""
+    if "://" in location or location.startswith("/"):
+        return location
+    return f"{p.get('_root', '.')}/{location}"
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -62,16 +75,17 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], N
     return check
 
 
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str, Any], None]:
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if ok and lo is not None:
             ok = v > lo if lo_open else v >= lo
         if ok and hi is not None:
-            ok = v <= hi
+            ok = v < hi if hi_open else v <= hi
         if not ok:
-            left = "(" if lo_open else "["
-            raise ParamError(f"{key}={v!r} is not allowed; it must be a number in {left}{lo}, {hi if hi is not None else 'inf'}]")
+            left, right = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
+            raise ParamError(f"{key}={v!r} is not allowed; it must be a finite number in "
+                             f"{left}{lo}, {hi if hi is not None else 'inf'}{right}")
     return check
 
 
@@ -84,8 +98,9 @@ def _int_list(lo: int = 1) -> Callable[[str, Any], None]:
 
 def _float_list(lo: float = 0.0) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
-        if not isinstance(v, list) or not v or any(not isinstance(x, (int, float)) or isinstance(x, bool) or x <= lo for x in v):
-            raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty list of numbers > {lo}")
+        if not isinstance(v, list) or not v or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
+                                                   or x <= lo for x in v):
+            raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty list of finite numbers > {lo}")
     return check
 
 
@@ -99,35 +114,27 @@ def _bool(key: str, v: Any) -> None:
         raise ParamError(f"{key}={v!r} is not allowed; it must be true or false")
 
 
-def _dataset(key: str, v: Any) -> None:
-    from datalens.data import DATASETS
-    _choice(*DATASETS)(key, v)
-
-
-def _model(key: str, v: Any) -> None:
-    from datalens.models import MODELS
-    _choice(*MODELS)(key, v)
-
-
 _TRAIN = {
     "alpha": _float(0.0, 1.0, lo_open=True),
     "epochs": _int(1),
     "lr": _float(0.0, None, lo_open=True),
     "optimizer": _choice("adam", "sgd"),
-    "momentum": _float(0.0, 1.0),
+    "momentum": _float(0.0, 1.0, hi_open=True),
     "weight_decay": _float(0.0),
     "batch_size": _int(0),
-    "label_smoothing": _float(0.0, 1.0),
+    "label_smoothing": _float(0.0, 1.0, hi_open=True),
     "schedule": _choice("constant", "triangular"),
     "peak_epoch": _float(0.0),
     "augment": _bool,
     "precision": _choice("float32", "bfloat16"),
 }
 
+MIN_RANKED = 5  # models in a validation or evaluation set: fewer cannot rank hyperparameters by Spearman
+
 SCHEMA: dict[str, Callable[[str, Any], None]] = {
-    "data.dataset": _dataset,
+    "data.dataset": _choice(*DATASETS),
     "data.root": _str,
-    "model.name": _model,
+    "model.name": _choice(*MODELS),
     "model.hidden": _int_list(1),
     "model.width": _int(1),
     "device": _choice("auto", "cpu", "cuda"),
@@ -143,12 +150,12 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "execution.num_cpus_per_task": _float(0.0, None, lo_open=True),
     "execution.num_gpus_per_task": _float(0.0),
     "execution.max_retries": _int(0),
-    "evaluation.num_masks": _int(1),
+    "evaluation.num_masks": _int(MIN_RANKED),
     "evaluation.repeats": _int(1),
     "evaluation.seed": _int(0),
     "evaluation.store": _str,
     "datamodels.num_lambdas": _int(2),
-    "datamodels.eps": _float(0.0, 1.0, lo_open=True),
+    "datamodels.eps": _float(0.0, 1.0, lo_open=True, hi_open=True),
     "datamodels.val_fraction": _float(0.0, 0.5, lo_open=True),
     "datamodels.max_iter": _int(1),
     "datamodels.tol": _float(0.0, None, lo_open=True),
@@ -161,20 +168,69 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "trak.proj_dims": _int_list(1),
     "trak.proj_type": _choice("rademacher", "gaussian"),
     "trak.ridge_grid": _float_list(0.0),
-    "trak.num_val_models": _int(1),
     "trak.store": _str,
     "attribution.ensemble_sizes": _int_list(1),
     "attribution.dampings": _float_list(0.0),
     "attribution.tracin_epochs": _int_list(1),
+    "attribution.selection_models": _int(MIN_RANKED),
+    "attribution.ekfac_dampings": _float_list(0.0),
 }
 
 
 def validate(flat: dict[str, Any]) -> None:
-    """Check every dotted key in ``flat`` against :data:`SCHEMA`; raise :class:`ParamError`."""
+    """Check every dotted key in ``flat`` against :data:`SCHEMA`, then the rules that tie keys
+    together (:func:`check_consistency`); raise :class:`ParamError` naming the keys."""
     for key, value in flat.items():
         if key not in SCHEMA:
             raise ParamError(f"unknown param '{key}'; known params: {', '.join(sorted(SCHEMA))}")
         SCHEMA[key](key, value)
+    check_consistency(flat)
+
+
+def check_consistency(flat: dict[str, Any]) -> None:
+    """Rules between params, each checked when all its keys are present."""
+
+    def rule(keys: tuple[str, ...], ok: Callable[..., bool], allowed: str) -> None:
+        if all(k in flat for k in keys) and not ok(*(flat[k] for k in keys)):
+            shown = ", ".join(f"{k}={flat[k]!r}" for k in keys)
+            raise ParamError(f"{shown} do not fit together; {allowed}")
+
+    n_ckpt = ("train.num_checkpoints",)
+    rule(("trak.num_models", *n_ckpt), lambda m, k: max(m) <= k, "every trak.num_models must be <= train.num_checkpoints")
+    rule(("attribution.ensemble_sizes", *n_ckpt), lambda m, k: max(m) <= k,
+         "every attribution.ensemble_sizes must be <= train.num_checkpoints")
+    rule(("attribution.tracin_epochs", "train.epochs"), lambda e, n: max(e) <= n,
+         "every attribution.tracin_epochs must be <= train.epochs")
+    rule(("datamodels.model_counts", "train.num_models"), lambda c, n: max(c) <= n,
+         "every datamodels.model_counts must be <= train.num_models")
+    rule(("datamodels.model_counts", "datamodels.val_fraction"), lambda c, f: round(min(c) * f) >= MIN_RANKED,
+         f"the validation split of the smallest count must hold >= {MIN_RANKED} models to choose lambda")
+    rule(("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= TEST_SIZES[d],
+         "counterfactuals.num_targets must be <= the test set size")
+    rule(("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
+    rule(("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
+         "the selection models (the last attribution.selection_models of the run) must not overlap the checkpointed ones")
+
+
+def check_environment(flat: dict[str, Any]) -> None:
+    """What this machine must offer for the params to run: a visible CUDA device for
+    ``device: cuda`` or GPUs per task."""
+    if torch.cuda.is_available():
+        return
+    if flat.get("device") == "cuda":
+        raise ParamError("device='cuda' is not allowed here: no CUDA device is visible; allowed values: auto, cpu")
+    if flat.get("execution.num_gpus_per_task", 0) > 0:
+        raise ParamError(f"execution.num_gpus_per_task={flat['execution.num_gpus_per_task']!r} is not allowed here: "
+                         "no CUDA device is visible; it must be 0")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested params as dotted keys (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        flat.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return flat
 
 
 def load_params(path: str | Path) -> dict:
@@ -194,28 +250,46 @@ def declared_params(stage: str, root: Path) -> list[str]:
     return keys
 
 
-def stage_params(stage: str, params_path: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
+def stage_params(stage: str, params_path: str | Path = "params.yaml", overrides: dict | None = None,
+                 environment: bool = True) -> dict:
     """The params of one stage as a nested dict: exactly the keys ``dvc.yaml`` declares,
     with ``overrides`` (dotted key -> value, also restricted to declared keys) applied,
-    all validated before any work starts."""
+    all validated before any work starts (with ``environment``, also against this machine)."""
     params_path = Path(params_path)
     root = repo_root(params_path.parent if params_path.is_absolute() else Path.cwd())
     if not params_path.is_absolute():
         params_path = root / params_path if not params_path.exists() else params_path
-    full = load_params(params_path)
+    full = flatten(load_params(params_path))
     keys = declared_params(stage, root)
-    flat: dict[str, Any] = {}
-    for k in keys:
-        value = get_dotted(full, k)
-        # A whole section (e.g. ``model``) is declared when the stage reads all of it.
-        flat.update({f"{k}.{sub}": v for sub, v in value.items()} if isinstance(value, dict) else {k: value})
+    declared = {k for k in full if any(k == d or k.startswith(d + ".") for d in keys)}
+    missing = [d for d in keys if not any(k == d or k.startswith(d + ".") for k in full)]
+    if missing:
+        raise ParamError(f"param '{missing[0]}' (declared by stage '{stage}') is missing from {params_path.name}")
     for k, v in (overrides or {}).items():
-        if k not in flat:
+        if k not in declared:
             raise ParamError(f"override '{k}' is not a param of stage '{stage}'; its params: {', '.join(keys)}")
-        flat[k] = v
+        full[k] = v
+    flat = {k: full[k] for k in declared}
     validate(flat)
+    if environment:
+        check_environment(flat)
     tree: dict = {}
-    for k, v in flat.items():
-        set_dotted(tree, k, copy.deepcopy(v))
+    for k in sorted(flat):
+        set_dotted(tree, k, copy.deepcopy(flat[k]))
     tree["_root"] = str(root)
     return tree
+
+
+def check_params_file(path: str | Path = "params.yaml") -> None:
+    """Validate a whole params file (every key and every rule between keys): ``make repro``
+    runs this before ``dvc repro``, so a bad value stops the pipeline before any stage."""
+    validate(flatten(load_params(path)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        check_params_file(sys.argv[1] if len(sys.argv) > 1 else "params.yaml")
+    except ParamError as exc:
+        sys.exit(f"params: {exc}")

@@ -1,9 +1,9 @@
 """Datamodel applications that retrain: counterfactual removals and brittleness
-(data support), METHODS.md section 2.
+(data support): Ilyas et al. (2022), sections 3-4; docs/methods.md.
 
 Every function takes a ``retrain(masks) -> margins`` callable: masks (m, n) bool ->
 margins (m, T), averaged over however many models per mask the caller trains. The
-pipeline passes :func:`datalens.training.train_on_masks`; tests pass brute-force
+pipeline passes :func:`datalens.runs.train_on_masks`; tests pass brute-force
 retrains of small problems.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from scipy import stats
 
 Retrain = Callable[[np.ndarray], np.ndarray]
 KINDS = ("top_positive", "top_negative", "random")
@@ -84,3 +85,36 @@ def verify_support(weight: np.ndarray, k_star: np.ndarray, targets: np.ndarray, 
         masks.append(mask)
     margins = retrain(np.stack(masks)) if masks else np.zeros((0, weight.shape[1]))
     return np.array([margins[i, t] < 0 for i, t in enumerate(targets)], dtype=bool)
+
+
+def agreement_by_kind(res: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Pearson and Spearman of predicted vs actual margin changes, pooled and per removal kind
+    (pooling mixes kinds whose changes differ in sign, which alone makes a high correlation),
+    with the mean actual and predicted change per k."""
+    out = {}
+    for kind in ("pooled", *KINDS):
+        sel = np.ones(len(res["kind"]), bool) if kind == "pooled" else res["kind"] == kind
+        p, a = res["predicted"][sel], res["actual"][sel]
+        varied = len(p) > 2 and p.std() > 0 and a.std() > 0
+        out[kind] = {"pearson": float(stats.pearsonr(p, a)[0]) if varied else 0.0,
+                     "spearman": float(stats.spearmanr(p, a)[0]) if varied else 0.0, "count": int(sel.sum())}
+        if kind != "pooled":
+            ks = sorted(set(res["k"][sel].tolist()))
+            out[kind]["mean_actual_change"] = {str(k): float(a[res["k"][sel] == k].mean()) for k in ks}
+            out[kind]["mean_predicted_change"] = {str(k): float(p[res["k"][sel] == k].mean()) for k in ks}
+    return out
+
+
+def brittleness(k_star: np.ndarray, ks: list[int], sample: np.ndarray, flips: np.ndarray) -> dict:
+    """The predicted fraction of test examples flipped by removing at most k examples, and
+    beside it the *confirmed* fraction: the predicted one times the share of sampled
+    predicted flips with k* <= k that retraining confirms (NaN where none was sampled)."""
+    predicted = flipped_fraction(k_star, ks)
+    confirmed = []
+    for k, frac in zip(ks, predicted):
+        sel = k_star[sample] <= k
+        confirmed.append(float(frac * flips[sel].mean()) if sel.any() else float("nan"))
+    return {"fraction_flipped_predicted": dict(zip(map(str, ks), predicted.tolist())),
+            "fraction_flipped_confirmed": dict(zip(map(str, ks), confirmed)),
+            "confirmed_flip_rate": float(flips.mean()) if len(flips) else float("nan"),
+            "confirmed_sample_size": int(len(sample))}

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from sklearn.datasets import load_digits as sk_digits
+from sklearn.model_selection import train_test_split
 
 CIFAR_TARBALL = "cifar-10-python.tar.gz"
 CIFAR_FETCH_COMMAND = "dvc update data.dvc"
@@ -56,14 +59,10 @@ class Dataset:
 
     def tensors(self, device="cpu"):
         """(x_train, y_train, x_test, y_test) as torch tensors on ``device``."""
-        import torch
         return tuple(torch.as_tensor(a, device=device) for a in (self.x_train, self.y_train, self.x_test, self.y_test))
 
 
 def load_digits() -> Dataset:
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
     bunch = sk_digits()
     x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=450, stratify=y, random_state=0)
@@ -132,6 +131,9 @@ DATASETS = {
     "cifar10": lambda root: load_cifar(root),
     "cifar2": lambda root: load_cifar(root, classes=(3, 5)),
 }
+
+
+TEST_SIZES = {"digits": 450, "cifar10": 10000, "cifar2": 2000}
 
 
 def load_dataset(name: str, root: str | Path = "data") -> Dataset:

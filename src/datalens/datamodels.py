@@ -1,5 +1,5 @@
 """Datamodels: for every target, a sparse linear model from a 0/1 training mask to the
-margin of a model trained on that subset (METHODS.md section 2).
+margin of a model trained on that subset (Ilyas et al., 2022; docs/methods.md).
 
 The solver fits all targets at once. It minimises, per target t,
 
@@ -19,6 +19,7 @@ then the fit is redone on train + validation models at that lambda.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -118,28 +119,56 @@ def _lipschitz(gram: torch.Tensor, iters: int = 100) -> float:
     return float(v @ (gram @ v)) * 1.01
 
 
+def lasso_objective(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w: torch.Tensor,
+                    gram_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Per column: 1/2 w^T C w - c^T w + lam ||w||_1, shape (T,)."""
+    gw = gram @ w if gram_w is None else gram_w
+    return 0.5 * (w * gw).sum(0) - (cross * w).sum(0) + lam * w.abs().sum(0)
+
+
 def lasso_fista(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w0: torch.Tensor | None = None,
-                max_iter: int = 500, tol: float = 1e-6, lipschitz: float | None = None) -> torch.Tensor:
+                max_iter: int = 500, tol: float = 1e-6, lipschitz: float | None = None, return_info: bool = False):
     """Solve min_w 1/2 w^T C w - c^T w + lam ||w||_1 for every column at once.
 
-    gram C: (n, n); cross c: (n, T); lam: (T,); returns w: (n, T). Stops when the
-    largest coordinate change is below ``tol`` times the largest weight.
+    gram C: (n, n); cross c: (n, T); lam: (T,); returns w: (n, T), and with ``return_info``
+    also {iterations, restarts, converged, objective (per iteration, summed over columns)}.
+
+    FISTA with function-value restart (O'Donoghue & Candes, 2015), per column: a step
+    that would raise a column's objective is rejected and that column's momentum reset,
+    so its next step is a plain proximal-gradient step, which cannot raise it. The
+    objective therefore never increases. C w is carried along (C v follows by linearity),
+    so each iteration costs one (n, n) x (n, T) product. Stops when the largest
+    coordinate change is below ``tol`` times the largest weight.
     """
     L = lipschitz or _lipschitz(gram)
     w = torch.zeros_like(cross) if w0 is None else w0.clone()
-    v, t = w.clone(), 1.0
+    gw = gram @ w
+    f_w = lasso_objective(gram, cross, lam, w, gw)
+    v, gv = w.clone(), gw.clone()
+    t = torch.ones(cross.shape[1], dtype=cross.dtype, device=cross.device)
     thresh = (lam / L).unsqueeze(0)
-    for _ in range(max_iter):
-        w_next = soft_threshold(v - (gram @ v - cross) / L, thresh)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+    restarts, converged, trace, it = 0, False, [], 0
+    for it in range(1, max_iter + 1):
+        w_next = soft_threshold(v - (gv - cross) / L, thresh)
+        gw_next = gram @ w_next
+        f_next = lasso_objective(gram, cross, lam, w_next, gw_next)
+        up = f_next > f_w + 1e-12 * f_w.abs().clamp_min(1.0)
+        if bool(up.any()):  # reject the step in those columns and drop their momentum
+            restarts += int(up.sum())
+            w_next[:, up], gw_next[:, up], f_next[up] = w[:, up], gw[:, up], f_w[up]
+        t_next = torch.where(up, torch.ones_like(t), (1 + torch.sqrt(1 + 4 * t * t)) / 2)
+        beta = torch.where(up, torch.zeros_like(t), (t - 1) / t_next)
         delta = w_next - w
-        v = w_next + ((t - 1) / t_next) * delta
-        # restart momentum when it points uphill (O'Donoghue & Candes), keeps FISTA monotone in practice
-        if float((delta * (w_next - v + delta)).sum()) < 0:
-            t_next = 1.0
-        w, t = w_next, t_next
-        if float(delta.abs().max()) <= tol * max(float(w.abs().max()), 1e-12):
+        v = w_next + beta * delta
+        gv = gw_next + beta * (gw_next - gw)
+        w, gw, f_w, t = w_next, gw_next, f_next, t_next
+        if return_info:
+            trace.append(float(f_w.sum()))
+        if not bool(up.any()) and float(delta.abs().max()) <= tol * max(float(w.abs().max()), 1e-12):
+            converged = True
             break
+    if return_info:
+        return w, {"iterations": it, "restarts": restarts, "converged": converged, "objective": trace}
     return w
 
 
@@ -167,13 +196,16 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
     best = np.full(T, np.inf)
     best_idx = np.zeros(T, dtype=int)
     active = np.ones(T, dtype=bool)
+    w_best = torch.zeros_like(w)
+    unconverged = 0
     for k in tqdm(range(num_lambdas), desc="lasso path", disable=not progress):
         cols = np.flatnonzero(active)
         if len(cols) == 0:
             break
         cols_t = torch.as_tensor(cols, device=device)
         lam_k = torch.as_tensor(grid[k, cols], dtype=dtype, device=device)
-        w_cols = lasso_fista(gram, cross[:, cols_t], lam_k, w[:, cols_t], max_iter, tol, L)
+        w_cols, info = lasso_fista(gram, cross[:, cols_t], lam_k, w[:, cols_t], max_iter, tol, L, return_info=True)
+        unconverged += not info["converged"]
         w[:, cols_t] = w_cols
         raw = (w_cols.cpu().numpy() / sigma[:, None])
         mse = val.mse(raw, ybar[cols] - mu @ raw, cols)
@@ -181,6 +213,7 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
         improved = mse < best[cols]
         best[cols[improved]] = mse[improved]
         best_idx[cols[improved]] = k
+        w_best[:, cols_t[torch.as_tensor(improved, device=device)]] = w_cols[:, torch.as_tensor(improved, device=device)]
         nonzero = (w_cols != 0).sum(0).cpu().numpy()
         rising = (mse > best[cols]) & (k >= 10) & (nonzero > 1)
         active[cols[rising]] = False
@@ -190,10 +223,17 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
     mu, sigma, ybar, gram_np, cross_np = both.standardised()
     gram = torch.as_tensor(gram_np, dtype=dtype, device=device)
     cross = torch.as_tensor(cross_np, dtype=dtype, device=device)
-    w_std = lasso_fista(gram, cross, torch.as_tensor(lam_train, dtype=dtype, device=device), w, max_iter * 2, tol).cpu().numpy()
+    # warm start from each target's solution at its chosen lambda (not the path's last one)
+    w_std, info = lasso_fista(gram, cross, torch.as_tensor(lam_train, dtype=dtype, device=device), w_best, max_iter * 2, tol,
+                              return_info=True)
+    w_std = w_std.cpu().numpy()
+    unconverged += not info["converged"]
+    if unconverged:
+        warnings.warn(f"the lasso solver reached datamodels.max_iter={max_iter} before datamodels.tol={tol} in {unconverged} "
+                      f"of its solves; raise max_iter (or tol) for a fit that is closer to the optimum", stacklevel=2)
     weight = w_std / sigma[:, None]
     dm = Datamodels(weight=weight, bias=ybar - mu @ weight, lam=lam_train, weight_std=w_std, mu=mu, sigma=sigma, ybar=ybar)
-    return dm, {"val_mse_path": val_mse, "best_index": best_idx, "lambda_grid": grid}
+    return dm, {"val_mse_path": val_mse, "best_index": best_idx, "lambda_grid": grid, "unconverged_solves": unconverged}
 
 
 def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,30 +262,3 @@ def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0
     train = Moments.from_blocks(store_blocks(store, done[tr], target))
     val = Moments.from_blocks(store_blocks(store, done[va], target))
     return fit_datamodels(train, val, **kwargs)
-
-
-def heldout_arrays(eval_store, repeats: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """From an evaluation store whose model j trained on mask j // repeats: masks (m, n),
-    margins averaged over repeats (m, t), and margins of repeat 0 alone (m, t)."""
-    done = eval_store.completed()
-    if not done.all():
-        raise ValueError(f"evaluation store {eval_store.url} is incomplete ({int(done.sum())}/{len(done)} models); rerun its stage")
-    margins = eval_store.read("test_margins", slice(None))
-    masks = eval_store.read("masks", slice(None))[::repeats]
-    per_mask = margins.reshape(len(masks), repeats, -1)
-    return masks, per_mask.mean(1), per_mask[:, 0]
-
-
-def evaluate_heldout(dm: Datamodels, masks: np.ndarray, actual_mean: np.ndarray, actual_single: np.ndarray) -> dict:
-    """Pooled Pearson and Spearman of predicted vs actual margins (all mask-target pairs), and LDS,
-    against margins averaged over repeats and against single models."""
-    from scipy import stats
-    from datalens.metrics import linear_datamodeling_score
-
-    pred = dm.predict(masks)
-    out = {}
-    for label, actual in (("mean", actual_mean), ("single", actual_single)):
-        out[f"pearson_{label}"] = float(stats.pearsonr(pred.ravel(), actual.ravel())[0])
-        out[f"spearman_{label}"] = float(stats.spearmanr(pred.ravel(), actual.ravel())[0])
-        out[f"lds_{label}"] = linear_datamodeling_score(dm.weight, masks, actual)
-    return out

@@ -11,34 +11,10 @@
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import socket
-import sys
+import tempfile
 from typing import Any, Callable, Iterable, Iterator
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing every freed tensor buffer straight back to the OS.
-
-    glibc serves blocks above its mmap threshold (128 KiB, rising to 32 MiB) with mmap
-    and unmaps them on free, so a loop that frees and reallocates megabyte temporaries
-    every step page-faults them back in each time: that cost 2.5x in a bfloat16 training
-    step on 2 cores. Raising the mmap and trim thresholds keeps such blocks in the heap
-    (PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same reason).
-    Linux with glibc only; once per process; ``DATALENS_MALLOC_TUNING=0`` turns it off.
-    Returns whether it applied.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("DATALENS_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_trim_threshold, 256 << 20)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 class BlockJobError(RuntimeError):
@@ -118,21 +94,16 @@ class RayExecutor:
 
 
 def _local_cluster_exists() -> bool:
-    import tempfile
     return os.path.exists(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster"))
 
 
-def make_executor(execution: dict | None):
-    """The executor named by ``execution.backend`` (``local`` or ``ray``)."""
-    execution = execution or {}
-    backend = execution.get("backend", "local")
+def make_executor(execution: dict):
+    """The executor named by ``execution.backend`` (``local`` or ``ray``); every key of the
+    ``execution`` section is required."""
+    backend = execution["backend"]
     if backend == "local":
         return LocalExecutor()
     if backend == "ray":
-        return RayExecutor(
-            address=execution.get("address", "local"),
-            num_cpus_per_task=execution.get("num_cpus_per_task", 1),
-            num_gpus_per_task=execution.get("num_gpus_per_task", 0),
-            max_retries=execution.get("max_retries", 3),
-        )
+        return RayExecutor(address=execution["address"], num_cpus_per_task=execution["num_cpus_per_task"],
+                           num_gpus_per_task=execution["num_gpus_per_task"], max_retries=execution["max_retries"])
     raise ValueError(f"execution.backend={backend!r} is unknown; allowed values: local, ray")

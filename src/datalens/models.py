@@ -2,7 +2,7 @@
 ``resnet9`` (the standard fast CIFAR-10 ResNet-9, with batch norm).
 
 Models without batch norm or other buffers train batched across models
-(see :mod:`datalens.training`); ``resnet9`` trains one model at a time.
+(see :mod:`datalens.engine`); ``resnet9`` trains one model at a time.
 """
 from __future__ import annotations
 

@@ -101,12 +101,14 @@ def top_attributed(scores: np.ndarray, targets, images_test, images_train, label
     return image_grid(imgs, titles, path, ncols=1 + 2 * k)
 
 
-def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = None) -> Path:
-    """LDS of every method against wall seconds and against trained models (log x)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = None, caption: str = "") -> Path:
+    """LDS of every method against charged wall seconds and charged trained models (log x);
+    ``caption`` (the accounting rules) is printed under the axes."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     methods = sorted({r["method"] for r in records})
     palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
-    for ax, key, label in ((axes[0], "seconds", "compute (wall seconds on this machine)"), (axes[1], "models", "trained models")):
+    for ax, key, label in ((axes[0], "seconds", "charged compute (wall seconds on this machine)"),
+                           (axes[1], "models", "charged trained models")):
         for m in methods:
             rs = [r for r in records if r["method"] == m and (m != "trak" or trak_proj_dim is None or r.get("proj_dim") == trak_proj_dim)]
             rs.sort(key=lambda r: r["models"])  # connect budgets in order (fit time need not grow with models)
@@ -116,4 +118,10 @@ def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = 
     axes[0].set_ylabel("LDS (held-out models)")
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle("Linear datamodeling score vs compute")
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, wrap=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(path), dpi=110)
+    plt.close(fig)
+    return Path(path)

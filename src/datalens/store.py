@@ -1,6 +1,15 @@
-"""The results store: one zarr group per run of subset models.
+"""Resumable stores: one zarr group per piece of long work, written unit by unit.
 
-Layout (N models, n train examples, t test examples, B models per block)::
+A :class:`ResumableStore` holds arrays whose first axis is the *unit* (a trained model,
+a featurised checkpoint), chunked by block along that axis, plus a ``completed`` flag per
+unit. A block's flags are written only after its data, so a crash (even ``kill -9``)
+leaves the block incomplete and a rerun recomputes it; chunks align with blocks, so
+workers never write the same chunk. ``attrs['identity']`` holds every param that
+changes the results; reopening under other ones is refused with a message naming the
+first differing param. ``url`` may be any path or URL that zarr and fsspec open
+(``file://``, ``s3://``, ``memory://``).
+
+:class:`SubsetStore` is the store of a run of subset models::
 
     masks          (N, n) bool     chunks (B, n)
     test_margins   (N, t) float32  chunks (B, t)
@@ -8,14 +17,6 @@ Layout (N models, n train examples, t test examples, B models per block)::
     test_accuracy  (N,)   float32  chunks (B,)     argmax accuracy on the test set
     completed      (N,)   bool     chunks (B,)
     checkpoints    (K, P) float32  chunks (1, P)   weights of models 0..K-1 (flattened state dicts)
-
-Chunks align with blocks, so each block job writes whole chunks that no other job
-touches: writes are idempotent and workers never race. A block's ``completed``
-flags are written only after its data arrays are written, so a crash leaves the
-block incomplete and a rerun recomputes it. The group's ``attrs['identity']``
-holds the params that determine the results; reopening under different ones is
-refused. ``url`` may be any path or URL that zarr and fsspec open (``s3://...``,
-``memory://...``).
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-FORMAT_VERSION = 2
-DATA_ARRAYS = ("masks", "test_margins", "train_margins", "test_accuracy")
+FORMAT_VERSION = 3
 
 
 class StoreError(RuntimeError):
@@ -34,73 +34,90 @@ class StoreError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class StoreShape:
-    num_models: int
-    n_train: int
-    n_test: int
-    block_size: int
-    num_checkpoints: int = 0
-    num_params: int = 0
+class ArraySpec:
+    """One array of a store: its shape after the unit axis, dtype and fill value.
+    ``rows`` fixes the first axis (chunked one row at a time) instead of one row per unit."""
+
+    tail: tuple[int, ...]
+    dtype: str = "float32"
+    fill: Any = np.nan
+    rows: int | None = None
 
 
-class SubsetStore:
-    """A zarr group of per-model results; see the module docstring for the layout."""
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _zarr_group(url: str, mode: str) -> zarr.Group:
+    # fsspec's local file system does not make parent folders unless asked to
+    options = {"storage_options": {"auto_mkdir": True}} if url.startswith("file://") else {}
+    return zarr.open_group(url, mode=mode, **options)
+
+
+def _open_group(url: str, mode: str) -> zarr.Group | None:
+    try:
+        return _zarr_group(url, mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    except Exception as exc:
+        raise StoreError(f"store at {url} cannot be opened ({exc}); move it aside or delete it, then rerun") from None
+
+
+class ResumableStore:
+    """Arrays of per-unit results with completed flags and a params identity (see the module docstring)."""
+
+    kind = "datalens store"
 
     def __init__(self, group: zarr.Group, url: str):
-        self.group = group
-        self.url = url
+        self.group, self.url = group, url
         try:
             self.identity: dict[str, Any] = dict(group.attrs["identity"])
             self.block_size = int(group.attrs["block_size"])
-            self.arrays = {name: group[name] for name in (*DATA_ARRAYS, "completed")}
+            self.completed_flags = group["completed"]
         except KeyError as exc:
-            raise StoreError(
-                f"store at {url} is corrupted or not a datalens store (missing {exc}); "
-                "move it aside or delete it, then rerun"
-            ) from None
-        self.num_models = self.arrays["completed"].shape[0]
+            raise StoreError(f"store at {url} is corrupted or not a {self.kind} (missing {exc}); "
+                             "move it aside or delete it, then rerun") from None
+        self.num_units = self.completed_flags.shape[0]
 
-    # -- creation -------------------------------------------------------------
     @classmethod
-    def open(cls, url: str, identity: dict[str, Any], shape: StoreShape) -> "SubsetStore":
-        """Open the store at ``url`` for a run with ``identity`` params, creating it if
-        absent and growing it if ``shape.num_models`` is larger than what it holds.
-
-        Raises :class:`StoreError` naming the first param that differs.
-        """
+    def open(cls, url: str, identity: dict[str, Any], num_units: int, block_size: int, arrays: dict[str, ArraySpec],
+             attrs: dict | None = None):
+        """Open the store at ``url`` for work with ``identity`` params, creating it if absent and
+        growing it when ``num_units`` exceeds what it holds. Raises :class:`StoreError` naming
+        the first param that differs, or the layout param (block size) that changed."""
         identity = _jsonable(identity)
-        try:
-            group = zarr.open_group(url, mode="r+")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            group = None
-        except Exception as exc:
-            raise StoreError(f"store at {url} cannot be opened ({exc}); move it aside or delete it, then rerun") from None
+        group = _open_group(url, "r+")
         if group is None:
-            return cls._create(url, identity, shape)
+            group = _zarr_group(url, "w")
+            for name, spec in {**arrays, "completed": ArraySpec((), "bool", False)}.items():
+                rows = spec.rows if spec.rows is not None else num_units
+                chunk = 1 if spec.rows is not None else block_size
+                group.create_array(name, shape=(rows, *spec.tail), chunks=(max(chunk, 1), *spec.tail) if rows else (1, *spec.tail),
+                                   dtype=spec.dtype, fill_value=spec.fill)
+            group.attrs.update({"identity": identity, "block_size": block_size, "format_version": FORMAT_VERSION,
+                                **(attrs or {})})
+            return cls(group, url)
         store = cls(group, url)
         store.check_identity(identity)
-        if store.block_size != shape.block_size:
-            raise StoreError(
-                f"store at {url} was written with train.block_size={store.block_size}, now {shape.block_size}; "
-                "block size fixes the chunk layout, so keep it or use a new store"
-            )
-        if shape.num_models > store.num_models:
-            store._grow(shape.num_models)
+        if store.block_size != block_size:
+            raise StoreError(f"store at {url} was written in blocks of {store.block_size} units, now {block_size}; "
+                             "the block size fixes the chunk layout, so keep it or use a new store")
+        missing = [name for name in arrays if name not in group]
+        if missing:
+            raise StoreError(f"store at {url} is corrupted or not a {cls.kind} (missing {missing}); move it aside or delete it")
+        if num_units > store.num_units:
+            for name, spec in {**arrays, "completed": ArraySpec(())}.items():
+                if spec.rows is None:
+                    group[name].resize((num_units, *group[name].shape[1:]))
+            store.completed_flags = group["completed"]  # a fresh handle sees the new shape
+            store.num_units = num_units
         return store
-
-    @classmethod
-    def _create(cls, url: str, identity: dict, s: StoreShape) -> "SubsetStore":
-        group = zarr.open_group(url, mode="w")
-        b = s.block_size
-        group.create_array("masks", shape=(s.num_models, s.n_train), chunks=(b, s.n_train), dtype="bool", fill_value=False)
-        for name, width in (("test_margins", s.n_test), ("train_margins", s.n_train)):
-            group.create_array(name, shape=(s.num_models, width), chunks=(b, width), dtype="float32", fill_value=np.nan)
-        group.create_array("test_accuracy", shape=(s.num_models,), chunks=(b,), dtype="float32", fill_value=np.nan)
-        group.create_array("completed", shape=(s.num_models,), chunks=(b,), dtype="bool", fill_value=False)
-        if s.num_checkpoints:
-            group.create_array("checkpoints", shape=(s.num_checkpoints, s.num_params), chunks=(1, s.num_params), dtype="float32", fill_value=np.nan)
-        group.attrs.update({"identity": identity, "block_size": b, "format_version": FORMAT_VERSION, "num_checkpoints": s.num_checkpoints})
-        return cls(group, url)
 
     def check_identity(self, identity: dict[str, Any]) -> None:
         identity = _jsonable(identity)
@@ -112,73 +129,88 @@ class SubsetStore:
                     f"Set {key} back, or point the run at a new store (or delete this one) to start over."
                 )
 
-    def _grow(self, num_models: int) -> None:
-        for name, arr in self.arrays.items():
-            arr.resize((num_models, *arr.shape[1:]))
-        self.num_models = num_models
-
     # -- blocks ---------------------------------------------------------------
     def block_range(self, block: int) -> tuple[int, int]:
         start = block * self.block_size
-        return start, min(start + self.block_size, self.num_models)
+        return start, min(start + self.block_size, self.num_units)
 
     @property
     def num_blocks(self) -> int:
-        return -(-self.num_models // self.block_size)
+        return -(-self.num_units // self.block_size)
 
     def completed(self) -> np.ndarray:
-        """(N,) bool: which models are done."""
-        return np.asarray(self.arrays["completed"][:])
+        """(N,) bool: which units are done."""
+        return np.asarray(self.completed_flags[:])
 
     def missing_blocks(self) -> list[int]:
         done = self.completed()
         return [b for b in range(self.num_blocks) if not done[slice(*self.block_range(b))].all()]
 
-    def write_block(self, block: int, results: dict[str, np.ndarray], checkpoints: dict[int, np.ndarray] | None = None) -> None:
-        """Write one block's arrays, then its checkpoints, then (last) its completed flags."""
+    def write_block(self, block: int, values: dict[str, np.ndarray], rows: dict[str, dict[int, np.ndarray]] | None = None) -> None:
+        """Write one block's arrays (each (units in block, ...)), then any fixed-row arrays
+        (``rows[name][index] = vector``), then, last, the block's completed flags."""
         start, stop = self.block_range(block)
-        for name in DATA_ARRAYS:
-            value = np.asarray(results[name])
+        for name, value in values.items():
+            value = np.asarray(value)
             if value.shape[0] != stop - start:
                 raise ValueError(f"block {block} result '{name}' has {value.shape[0]} rows, expected {stop - start}")
-            self.arrays[name][start:stop] = value
-        for index, vector in (checkpoints or {}).items():
-            self.group["checkpoints"][index] = vector
-        self.arrays["completed"][start:stop] = True
+            self.group[name][start:stop] = value
+        for name, by_index in (rows or {}).items():
+            for index, vector in by_index.items():
+                self.group[name][index] = vector
+        self.completed_flags[start:stop] = True
 
     # -- reading --------------------------------------------------------------
     def read(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """Rows of a data array; ``rows=None`` reads the completed models only."""
+        """Rows of an array; ``rows=None`` reads the completed units only."""
         if rows is None:
             rows = np.flatnonzero(self.completed())
-        arr = self.arrays[name] if name in self.arrays else self.group[name]
+        arr = self.group[name]
         if isinstance(rows, slice):
             return np.asarray(arr[rows])
         return np.asarray(arr.get_orthogonal_selection((np.asarray(rows),)))
 
+
+class SubsetStore(ResumableStore):
+    """The store of a run of subset models (layout in the module docstring)."""
+
+    kind = "datalens subset store"
+    DATA_ARRAYS = ("masks", "test_margins", "train_margins", "test_accuracy")
+
+    @classmethod
+    def create_or_open(cls, url: str, identity: dict, num_models: int, n_train: int, n_test: int, block_size: int,
+                       num_checkpoints: int = 0, num_params: int = 0) -> "SubsetStore":
+        arrays = {"masks": ArraySpec((n_train,), "bool", False), "test_margins": ArraySpec((n_test,)),
+                  "train_margins": ArraySpec((n_train,)), "test_accuracy": ArraySpec(())}
+        if num_checkpoints:
+            arrays["checkpoints"] = ArraySpec((num_params,), rows=num_checkpoints)
+        store = cls.open(url, identity, num_models, block_size, arrays, {"num_checkpoints": num_checkpoints})
+        if store.num_checkpoints < num_checkpoints:
+            raise StoreError(f"store at {url} keeps weights of {store.num_checkpoints} models, the params ask for "
+                             f"train.num_checkpoints={num_checkpoints}; models already trained cannot be checkpointed "
+                             "again, so lower it or use a new store")
+        return store
+
+    @property
+    def num_models(self) -> int:
+        return self.num_units
+
+    @property
+    def num_checkpoints(self) -> int:
+        return int(self.group.attrs.get("num_checkpoints", 0))
+
     def checkpoint(self, index: int) -> np.ndarray:
-        if index >= int(self.group.attrs.get("num_checkpoints", 0)):
-            raise IndexError(f"model {index} has no checkpoint; the run saved train.num_checkpoints={self.group.attrs.get('num_checkpoints', 0)}")
+        if index >= self.num_checkpoints:
+            raise IndexError(f"model {index} has no checkpoint; the run saved train.num_checkpoints={self.num_checkpoints}")
         vec = np.asarray(self.group["checkpoints"][index])
         if np.isnan(vec).any():
             raise StoreError(f"checkpoint of model {index} in {self.url} is not written yet")
         return vec
 
 
-def open_existing(url: str, mode: str = "r") -> SubsetStore:
+def open_existing(url: str, mode: str = "r", cls: type[ResumableStore] = SubsetStore):
     """Open a finished or partial store (``mode="r+"`` to write blocks into it)."""
-    try:
-        group = zarr.open_group(url, mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise FileNotFoundError(f"no store at {url}; run the stage that creates it first") from None
-    return SubsetStore(group, url)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
+    group = _open_group(url, mode)
+    if group is None:
+        raise FileNotFoundError(f"no store at {url}; run the stage that creates it first")
+    return cls(group, url)

@@ -4,10 +4,9 @@ import torch
 
 from datalens.data import load_digits
 from datalens.models import build_model
-from datalens.training import (
-    NonFiniteLossError, TrainSettings, flatten_state, init_models, margins_from_logits, model_seed,
-    subset_masks, train_models, unflatten_state,
-)
+from datalens.engine import NonFiniteLossError, TrainSettings, flatten_state, init_models, train_models, unflatten_state
+from datalens.outputs import margins_from_logits
+from datalens.sampling import model_seed, subset_masks
 
 
 @pytest.fixture(scope="module")

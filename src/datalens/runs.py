@@ -1,0 +1,205 @@
+"""Runs of subset models: which models, where their results go, and the resumable,
+block-by-block training of all of them through an executor (in-process or Ray).
+
+Model ``j`` of a run trains on mask ``j // repeats`` of the run's stream with its own
+model seed (:mod:`datalens.sampling`), so results never depend on how models are
+grouped into blocks, stacks or workers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from datalens.config import get_dotted, resolve_location
+from datalens.data import Dataset, load_dataset
+from datalens.engine import TrainedModels, TrainSettings, flatten_state, init_models, resolve_device, train_models, unflatten_state
+from datalens.execution import LocalExecutor
+from datalens.models import build_model
+from datalens.outputs import margins_from_logits
+from datalens.sampling import model_seed, subset_masks
+from datalens.store import SubsetStore, open_existing
+
+
+@dataclass(frozen=True)
+class SubsetRun:
+    """Everything that defines a run of subset models and where its results go.
+
+    Picklable, so block jobs can ship it to workers.
+    """
+
+    dataset: str
+    data_root: str
+    model: str
+    model_kwargs: dict
+    settings: TrainSettings
+    alpha: float
+    seed: int
+    num_models: int
+    block_size: int
+    store: str
+    num_checkpoints: int = 0
+    device: str = "auto"
+    stream: str = "train"
+    repeats: int = 1
+    stack_size: int = 8
+
+    @classmethod
+    def from_params(cls, p: dict, **given) -> "SubsetRun":
+        """Build a run from a stage's nested params (``data``, ``model``, ``train``, ``device``).
+
+        Fields in ``given`` (e.g. ``store``, ``num_models``, ``seed``, ``stream``, ``repeats``,
+        ``num_checkpoints``, ``block_size``) take the place of the params; every other field
+        must be a param the stage declares (a missing one is an error naming it).
+        """
+        def param(key: str):
+            field_name = key.split(".")[-1]
+            return given[field_name] if field_name in given else get_dotted(p, key)
+
+        m = p["model"]
+        kwargs = {k: (list(v) if isinstance(v, list) else v) for k, v in m.items() if k != "name"}
+        n = int(param("train.num_models"))
+        return cls(
+            dataset=p["data"]["dataset"], data_root=resolve_location(p, p["data"]["root"]), model=m["name"],
+            model_kwargs=kwargs, settings=TrainSettings.from_params(p["train"]), alpha=float(p["train"]["alpha"]),
+            seed=int(param("train.seed")), num_models=n, block_size=int(min(param("train.block_size"), n)),
+            store=resolve_location(p, param("train.store")),
+            num_checkpoints=int(min(param("train.num_checkpoints"), n)), device=param("device"),
+            stream=given.get("stream", "train"), repeats=int(given.get("repeats", 1)), stack_size=int(param("train.stack_size")),
+        )
+
+    def identity(self) -> dict:
+        """Every param that changes a model's results, and nothing else: not how many models,
+        where they go, how they are grouped (block and stack size) or which are checkpointed.
+        The device changes only floating-point rounding and is not part of it either."""
+        return {
+            "data.dataset": self.dataset, "model.name": self.model,
+            **{f"model.{k}": v for k, v in sorted(self.model_kwargs.items())},
+            **{f"train.{k}": v for k, v in asdict(self.settings).items()},
+            "train.alpha": self.alpha, "seed": self.seed, "stream": self.stream, "repeats": self.repeats,
+        }
+
+    def mask_indices(self, start: int, stop: int) -> np.ndarray:
+        return np.arange(start, stop) // self.repeats
+
+    def model_seeds(self, start: int, stop: int) -> list[int]:
+        return [model_seed(self.seed, j // self.repeats, j % self.repeats, self.stream) for j in range(start, stop)]
+
+    def dataset_(self) -> Dataset:
+        return cached_dataset(self.dataset, self.data_root)
+
+    def build_model(self) -> nn.Module:
+        ds = self.dataset_()
+        return build_model(self.model, ds.input_shape, ds.num_classes, **self.model_kwargs)
+
+    def load_checkpoint(self, store: SubsetStore, index: int, device="cpu") -> nn.Module:
+        """Model ``index`` of this run, rebuilt from the checkpoint in ``store``, in eval mode."""
+        model = self.build_model()
+        model.load_state_dict(unflatten_state(store.checkpoint(index), model))
+        return model.to(device).eval()
+
+
+_DATA_CACHE: dict = {}
+
+
+def cached_dataset(name: str, root: str) -> Dataset:
+    """Load each dataset once per process (block jobs in one worker share it)."""
+    if (name, root) not in _DATA_CACHE:
+        _DATA_CACHE[(name, root)] = load_dataset(name, root)
+    return _DATA_CACHE[(name, root)]
+
+
+def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int]) -> dict:
+    """Train one model per mask with the given seeds; margins and accuracy as in :func:`train_range`."""
+    ds = run.dataset_()
+    device = resolve_device(run.device)
+    x_tr, y_tr, x_te, y_te = ds.tensors(device)
+    models = [mod.to(device) for mod in init_models(run.build_model, seeds)]
+    trained = train_models(models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
+                           stack_size=run.stack_size)
+    logits_te = trained.logits(x_te)
+    return {
+        "masks": masks,
+        "test_margins": margins_from_logits(logits_te, y_te).float().cpu().numpy(),
+        "test_accuracy": (logits_te.argmax(-1) == y_te).float().mean(-1).cpu().numpy(),
+        "train_margins": margins_from_logits(trained.logits(x_tr), y_tr).float().cpu().numpy(),
+        "models": trained,
+    }
+
+
+def train_range(run: SubsetRun, start: int, stop: int) -> dict[str, np.ndarray | TrainedModels]:
+    """Train models ``start..stop-1`` of ``run`` without touching any store.
+
+    Returns ``masks`` (M, n) bool, ``test_margins`` (M, t), ``train_margins`` (M, n) float32,
+    ``test_accuracy`` (M,), ``models`` (:class:`~datalens.engine.TrainedModels`).
+    """
+    masks = subset_masks(run.seed, run.mask_indices(start, stop), run.dataset_().n_train, run.alpha, run.stream)
+    return _train_and_score(run, masks, run.model_seeds(start, stop), range(start, stop))
+
+
+def train_block(run: SubsetRun, block: int) -> dict:
+    """Train one block of ``run`` and write it to the run's store. Returns a small summary."""
+    store = open_existing(run.store, mode="r+")
+    store.check_identity(run.identity())
+    start, stop = store.block_range(block)
+    out = train_range(run, start, stop)
+    ckpts = {j: flatten_state(s) for j, s in zip(range(start, stop), out["models"].state_dicts()) if j < run.num_checkpoints}
+    store.write_block(block, {k: out[k] for k in SubsetStore.DATA_ARRAYS}, {"checkpoints": ckpts} if ckpts else None)
+    return {"block": block, "start": start, "stop": stop, "test_accuracy": float(out["test_accuracy"].mean())}
+
+
+def prepare_store(run: SubsetRun) -> SubsetStore:
+    """Create or reopen ``run``'s store (checking its params) before any training starts."""
+    ds = run.dataset_()
+    num_params = sum(v.numel() for v in run.build_model().state_dict().values()) if run.num_checkpoints else 0
+    return SubsetStore.create_or_open(run.store, run.identity(), run.num_models, ds.n_train, ds.n_test, run.block_size,
+                                      run.num_checkpoints, num_params)
+
+
+def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
+    """Train every model of ``run`` that its store does not hold yet, block by block,
+    through ``executor`` (default: in-process). Resumable: rerun after any crash and
+    only the missing blocks train."""
+    store = prepare_store(run)
+    todo = store.missing_blocks()
+    executor = executor or LocalExecutor()
+    n_todo = sum(np.subtract(*store.block_range(b)[::-1]) for b in todo)
+
+    def describe(args):
+        start, stop = store.block_range(args[1])
+        return f"models {start}..{stop - 1}"
+
+    with tqdm(total=store.num_models, initial=store.num_models - n_todo, unit="model", desc=f"train {run.stream}",
+              disable=not progress) as bar:
+        for summary in executor.map_unordered(train_block, [(run, b) for b in todo], describe=describe):
+            bar.update(summary["stop"] - summary["start"])
+            bar.set_postfix(test_acc=f"{summary['test_accuracy']:.3f}")
+    return store
+
+
+def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: str = "counterfactual") -> np.ndarray:
+    """Test margins (m, t) of models trained on given masks (m, n), averaged over ``repeats``
+    seeds. Repeat r uses the same seed for every mask (common random numbers), so
+    differences between masks are not blurred by initialisation noise."""
+    total = 0.0
+    for r in range(repeats):
+        seeds = [model_seed(run.seed, 0, r, stream)] * len(masks)
+        total = total + _train_and_score(run, masks, seeds, range(len(masks)))["test_margins"].astype(np.float64)
+    return total / repeats
+
+
+def seconds_per_model(run: SubsetRun, count: int = 16, repeats: int = 3) -> float:
+    """Wall seconds to train one model of ``run``: the median over ``repeats`` timings of
+    ``count`` models (after a warm-up), so one slow moment on a shared machine does not set it."""
+    timing = replace(run, store="memory://unused")
+    train_range(timing, 0, 1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        train_range(timing, 0, count)
+        times.append((time.perf_counter() - t0) / count)
+    return float(np.median(times))
