@@ -6,16 +6,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: repro test lab bench venv clean-venv
 
+NO_DEPS := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['datalens']['install-without-deps']))")
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[ekfac]'
+	# kronfluence without its declared torchvision, whose installer would replace the pinned torch
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(NO_DEPS)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 venv: $(STAMP)
 
 # Papermill and the notebooks' kernel must come from the venv, also under DVC.
+# A bad value anywhere in params.yaml stops here, in one line, before any stage starts.
 repro: $(STAMP)
+	@$(BIN)/python -m datalens.config params.yaml
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
 
 test: $(STAMP)

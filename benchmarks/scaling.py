@@ -15,7 +15,8 @@ import numpy as np
 from _common import ROOT, write_result
 from datalens.config import stage_params
 from datalens.execution import LocalExecutor, RayExecutor
-from datalens.training import SubsetRun, train_subset_models
+from datalens.runs import SubsetRun, train_subset_models
+from datalens.store import open_existing
 
 
 def main() -> None:
@@ -36,7 +37,6 @@ def main() -> None:
         t0 = time.perf_counter()
         ray_store = train_subset_models(replace(base, store=f"{tmp}/ray.zarr"), executor=executor, progress=False)
         t_ray = time.perf_counter() - t0
-        from datalens.store import open_existing
         local_store = open_existing(f"{tmp}/local.zarr")
         diff = float(np.abs(local_store.read("test_margins") - ray_store.read("test_margins")).max())
     write_result("scaling", {

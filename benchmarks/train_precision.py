@@ -18,8 +18,8 @@ import numpy as np
 
 from _common import ROOT, write_result
 from datalens.config import stage_params
-from datalens.metrics import seed_agreement
-from datalens.training import SubsetRun, train_range
+from datalens.evaluation import seed_agreement
+from datalens.runs import SubsetRun, train_range
 
 
 def main() -> None:

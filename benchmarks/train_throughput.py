@@ -18,16 +18,17 @@ import torch.nn.functional as F
 
 from _common import ROOT, write_result
 from datalens.config import stage_params
-from datalens.training import SubsetRun, cached_dataset, init_models, margins_from_logits, train_range
+from datalens.engine import init_models
+from datalens.outputs import margins_from_logits
+from datalens.runs import SubsetRun, train_range
 
 
 def naive_loop(run: SubsetRun, masks: np.ndarray, seeds: list[int], autocast: bool = False) -> tuple[np.ndarray, float]:
     """One model at a time, the textbook way: its own subset tensor, its own optimizer."""
-    ds = cached_dataset(run.dataset, run.data_root)
-    x, y, xt, yt = ds.tensors()
+    x, y, xt, yt = run.dataset_().tensors()
     s = run.settings
     out, correct = [], []
-    for model, mask in zip(init_models(lambda: run.build_model(ds), seeds), masks):
+    for model, mask in zip(init_models(run.build_model, seeds), masks):
         xs, ys = x[torch.tensor(mask)], y[torch.tensor(mask)]
         opt = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         for _ in range(s.epochs):

@@ -10,7 +10,8 @@ g P / sqrt(d) with ±1 entries, so its trace ~ k sum_i |g_i|^2 / d and it gets
 Our features are float32. On CPUs with VNNI the projection splits each gradient row into
 four int8 slices and multiplies them exactly with P's ±1 signs (``trak.int8_slices``); the
 JSON records its error and a float32 GEMM's, both against a float64 product.
-Needs the stores of `make repro`.
+Both sides are warmed up at the timed shapes first, and traker is imported outside the
+timed region. Needs the stores of `make repro`.
 
     python benchmarks/trak_speed.py [--models 10] [--proj-dim 2048] [--ridge 1.0]
 """
@@ -25,12 +26,16 @@ import warnings
 import numpy as np
 import torch
 
+from trak import TRAKer  # the reference, imported outside the timed region
+
 from _common import ROOT, write_result
-from datalens import datamodels, trak
-from datalens.config import stage_params
-from datalens.metrics import linear_datamodeling_score
+from datalens import trak
+from datalens.config import resolve_location, stage_params
+from datalens.evaluation import heldout_arrays, linear_datamodeling_score
+from datalens.outputs import per_example_gradients
+from datalens.projection import Projector
+from datalens.runs import SubsetRun
 from datalens.store import open_existing
-from datalens.training import SubsetRun, cached_dataset
 
 
 def ours(models, ds, k, ridge, seed):
@@ -39,7 +44,6 @@ def ours(models, ds, k, ridge, seed):
 
 
 def reference(models, ds, k, lambda_reg, seed):
-    from trak import TRAKer
     x_tr, y_tr, x_te, y_te = ds.tensors()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,23 +69,26 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     p = stage_params("attribution_comparison", ROOT / "params.yaml", {"device": "cpu"})
     run = SubsetRun.from_params(p)
-    ds = cached_dataset(run.dataset, run.data_root)
+    ds = run.dataset_()
     store = open_existing(run.store)
-    masks, actual_mean, actual_single = datamodels.heldout_arrays(open_existing(str(ROOT / p["evaluation"]["store"])), p["evaluation"]["repeats"])
+    masks, actual_mean, actual_single = heldout_arrays(open_existing(resolve_location(p, p["evaluation"]["store"])),
+                                                       p["evaluation"]["repeats"])
     models = [run.load_checkpoint(store, m) for m in range(args.models)]
-    ours(models[:1], ds, 64, args.ridge, 0)  # warm up both paths' first-use costs
+    x_tr, y_tr, _, _ = ds.tensors()
+    d = sum(q.numel() for q in models[0].parameters())
+    sq_norm = np.mean([float((per_example_gradients(m, x_tr, y_tr).double() ** 2).sum()) for m in models])
+    # warm up both sides at the timed shapes (first-use costs: kernels, allocations, traker's setup)
+    ours(models[:1], ds, args.proj_dim, args.ridge, p["train"]["seed"] + 1)
+    reference(models[:1], ds, args.proj_dim, args.ridge * sq_norm / d, p["train"]["seed"] + 1)
     t0 = time.perf_counter()
     s_ours = ours(models, ds, args.proj_dim, args.ridge, p["train"]["seed"])
     t_ours = time.perf_counter() - t0
-    x_tr, y_tr, _, _ = ds.tensors()
-    d = sum(q.numel() for q in models[0].parameters())
-    sq_norm = np.mean([float((trak.per_example_gradients(m, x_tr, y_tr).double() ** 2).sum()) for m in models])
     t0 = time.perf_counter()
     s_ref = reference(models, ds, args.proj_dim, args.ridge * sq_norm / d, p["train"]["seed"])
     t_ref = time.perf_counter() - t0
     # how exact our projection is (on CPUs with VNNI it takes the int8 route), vs a float32 GEMM
-    g = trak.per_example_gradients(models[0], x_tr, y_tr)
-    proj = trak.Projector(d, args.proj_dim, p["train"]["seed"], 0)
+    g = per_example_gradients(models[0], x_tr, y_tr)
+    proj = Projector(d, args.proj_dim, p["train"]["seed"], 0)
     exact = g.double() @ proj.matrix().double()
     rel_error = lambda out: float((out.double() - exact).norm() / exact.norm())  # noqa: E731
     lds = {name: linear_datamodeling_score(s, masks, actual_mean) for name, s in (("ours", s_ours), ("traker", s_ref))}

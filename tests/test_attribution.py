@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from datalens.attribution import (
-    empirical_influence, grad_cosine, grad_dot, influence_cg, influence_explicit, representation_similarity, tracin,
+    ekfac_influence, empirical_influence, grad_cosine, grad_dot, influence_cg, influence_explicit, last_layer_params,
+    penultimate_features, representation_similarity, tracin,
 )
+from datalens.models import build_model
 from datalens.outputs import margins_from_logits
 
 
@@ -84,3 +86,38 @@ def test_empirical_influence_matches_a_loop():
     margins = rng.normal(size=(40, 3))
     expected = np.array([[margins[masks[:, i], t].mean() - margins[~masks[:, i], t].mean() for t in range(3)] for i in range(6)])
     np.testing.assert_allclose(empirical_influence(masks, margins), expected, rtol=1e-12)
+
+
+def test_influence_functions_leave_the_callers_model_as_it_was():
+    model, x_tr, y_tr, x_t, y_t = _tiny()
+    model = model.float()
+    mask = np.ones(20, bool)
+    influence_explicit(model, x_tr.float(), y_tr, mask, x_t.float(), y_t, 1.0)
+    influence_cg(model, x_tr.float(), y_tr, mask, x_t.float(), y_t, 1.0, iters=5)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_resnet9_last_layer_and_penultimate_features_are_found_by_module():
+    model = build_model("resnet9", (3, 8, 8), 10, width=4).eval()
+    # ResNet-9 ends Linear(bias=False) then a scaling module: parameter order would pick a batch-norm layer
+    linear_name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    assert last_layer_params(model) == [f"{linear_name}.weight"]
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model[:-2](x)  # everything before the Linear and the scale: the pooled, flattened features
+    torch.testing.assert_close(penultimate_features(model, x), expected)
+    sims = representation_similarity(model, x, x)
+    np.testing.assert_allclose(np.diag(sims), 1.0, rtol=1e-6)
+
+
+def test_ekfac_with_large_damping_is_grad_dot_over_the_damping():
+    # (G + d I)^{-1} -> I / d as d grows: an independent check of kronfluence's wiring and of the sign
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    scores = ekfac_influence(model, x[:30], y[:30], x[30:], y[30:], [1e6, 1e-3])
+    np.testing.assert_allclose(scores[1e6] * 1e6, grad_dot(model, x[:30], y[:30], x[30:], y[30:]), rtol=1e-4, atol=1e-6)
+    # at small damping the curvature matters: the scores are no longer a multiple of grad-dot
+    gd = grad_dot(model, x[:30], y[:30], x[30:], y[30:]).ravel()
+    assert abs(np.corrcoef(scores[1e-3].ravel(), gd)[0, 1]) < 0.99
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and not hasattr(model[1], "original_module")

@@ -2,7 +2,9 @@
 "training" is exact: a model's margin is a known linear function of its training set."""
 import numpy as np
 
-from datalens.counterfactuals import counterfactual_removals, flipped_fraction, support_size, verify_support
+from datalens.counterfactuals import (
+    agreement_by_kind, brittleness, counterfactual_removals, flipped_fraction, support_size, verify_support,
+)
 from datalens.datamodels import Moments, fit_datamodels
 
 rng = np.random.default_rng(0)
@@ -54,3 +56,30 @@ def test_support_size_equals_brute_force_search():
     assert verify_support(dm.weight, k_star, flippable, retrain).all()
     frac = flipped_fraction(k_star, [1, 5, N_TRAIN])
     assert np.all(np.diff(frac) >= 0) and frac[-1] == ((k_star > 0).sum() / (k_star != 0).sum())
+
+
+def test_agreement_is_reported_per_removal_kind_against_scipy():
+    from scipy import stats
+    dm = _fitted()
+    res = counterfactual_removals(dm.weight, np.arange(TARGETS), [1, 3, 5], retrain)
+    res["actual"] = res["actual"] + np.random.default_rng(3).normal(0, 0.05, len(res["actual"]))  # noisy retrains
+    agree = agreement_by_kind(res)
+    assert set(agree) == {"pooled", "top_positive", "top_negative", "random"}
+    for kind in ("top_positive", "top_negative", "random"):
+        sel = res["kind"] == kind
+        assert agree[kind]["pearson"] == stats.pearsonr(res["predicted"][sel], res["actual"][sel])[0]
+        assert agree[kind]["count"] == TARGETS * 3
+        assert agree[kind]["mean_actual_change"]["5"] == res["actual"][sel & (res["k"] == 5)].mean()
+    assert agree["pooled"]["pearson"] == stats.pearsonr(res["predicted"], res["actual"])[0]
+
+
+def test_brittleness_reports_the_confirmed_fraction_beside_the_predicted_one():
+    k_star = np.array([0, 2, 2, 5, -1, 3])
+    sample = np.array([1, 2, 3, 5])
+    flips = np.array([True, False, True, True])  # retraining confirms 3 of the 4 sampled predicted flips
+    b = brittleness(k_star, [2, 5], sample, flips)
+    predicted = flipped_fraction(k_star, [2, 5])
+    assert b["fraction_flipped_predicted"] == {"2": predicted[0], "5": predicted[1]}
+    assert b["fraction_flipped_confirmed"]["2"] == predicted[0] * 0.5  # of targets 1, 2 (k* <= 2), one confirmed
+    assert b["fraction_flipped_confirmed"]["5"] == predicted[1] * 0.75
+    assert b["confirmed_flip_rate"] == 0.75 and b["confirmed_sample_size"] == 4

@@ -87,3 +87,52 @@ def test_chosen_lambda_and_support_agree_with_sklearn_path_selection():
         xa, ya = x, y[:, t]
         refit = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit((xa - xa.mean(0)) / xa.std(0), ya)
         assert set(np.flatnonzero(np.abs(refit.coef_) > 1e-6)) == set(np.flatnonzero(np.abs(dm.weight[:, t]) > 1e-6))
+
+
+def _ill_conditioned(n=60, t=3, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    gram = q @ np.diag(np.geomspace(1.0, 1e-4, n)) @ q.T
+    cross = gram @ rng.normal(size=(n, t))
+    return torch.tensor(gram), torch.tensor(cross)
+
+
+def test_fista_restarts_when_the_objective_rises_and_never_increases_it():
+    from datalens.datamodels import lasso_objective
+    gram, cross = _ill_conditioned()
+    lam = torch.full((3,), 1e-4, dtype=torch.float64)
+    w, info = lasso_fista(gram, cross, lam, max_iter=3000, tol=1e-12, return_info=True)
+    assert info["restarts"] > 0  # momentum overshoots on an ill-conditioned problem, and the restart fires
+    trace = np.array(info["objective"])
+    assert (np.diff(trace) <= 1e-12 * np.abs(trace[:-1])).all()
+    # and the answer is the lasso optimum: scikit-learn's coordinate descent on the same objective
+    from scipy.linalg import cholesky
+    chol = cholesky(gram.numpy() + 1e-12 * np.eye(60))  # gram = R^T R, so 1/2 w^T C w - c^T w = 1/2 |R w - b|^2 + const
+    for j in range(3):
+        b = np.linalg.solve(chol.T, cross[:, j].numpy())
+        sk = Lasso(alpha=1e-4 / 60, fit_intercept=False, tol=1e-14, max_iter=200000).fit(np.sqrt(60) * chol, np.sqrt(60) * b)
+        ours_obj = float(lasso_objective(gram, cross[:, j:j + 1], lam[:1], w[:, j:j + 1])[0])
+        sk_obj = float(lasso_objective(gram, cross[:, j:j + 1], lam[:1], torch.tensor(sk.coef_)[:, None])[0])
+        assert ours_obj <= sk_obj + 1e-9 * abs(sk_obj)
+
+
+def test_reaching_max_iter_before_tol_warns_with_the_params():
+    x, y, _ = _planted(n_models=300, n=40, targets=2, noise=0.5)
+    with pytest.warns(UserWarning, match=r"datamodels.max_iter=2 before datamodels.tol"):
+        _, diag = fit_datamodels(Moments.from_blocks([(x[:250], y[:250])]), Moments.from_blocks([(x[250:], y[250:])]),
+                                 num_lambdas=5, max_iter=2, tol=1e-12, progress=False)
+    assert diag["unconverged_solves"] > 0
+
+
+def test_refit_starts_from_the_solution_at_the_chosen_lambda():
+    # with a single refit iteration, the answer stays next to the path's solution at the chosen lambda
+    x, y, _ = _planted(n_models=600, n=40, targets=3, noise=0.3, seed=4)
+    train, val = Moments.from_blocks([(x[:500], y[:500])]), Moments.from_blocks([(x[500:], y[500:])])
+    full, diag = fit_datamodels(train, val, num_lambdas=25, max_iter=5000, tol=1e-10, progress=False)
+    assert (diag["best_index"] < 24).any()  # some target chose a lambda before the path's end
+    mu, sigma, ybar, gram, cross = train.standardised()
+    for t in range(3):
+        lam = diag["lambda_grid"][diag["best_index"][t], t]
+        w_path = lasso_fista(torch.tensor(gram), torch.tensor(cross[:, t:t + 1]), torch.tensor([lam]), max_iter=20000, tol=1e-12)
+        # the refit (on train + val) is close to the train-only solution at that lambda, not the path's last one
+        np.testing.assert_allclose(full.weight_std[:, t], w_path[:, 0].numpy(), atol=0.05)

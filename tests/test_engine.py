@@ -99,3 +99,43 @@ def test_checkpoint_round_trip_restores_the_model(digits):
     inp = torch.randn(2, 3, 8, 8)
     model.eval(), other.eval()
     torch.testing.assert_close(model(inp), other(inp))
+
+
+def test_augmentation_is_pad_crop_and_flip_per_image():
+    from datalens.engine import augment
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    out = augment(x, gen)
+    pad = 2  # H / 8
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    # the same draws, replayed by hand: flips, then row and column offsets, one per image
+    replay = torch.Generator().manual_seed(0)
+    flip = torch.rand(2, generator=replay) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (2,), generator=replay)
+    dx = torch.randint(0, 2 * pad + 1, (2,), generator=replay)
+    for i in range(2):
+        crop = padded[i, :, dy[i]:dy[i] + 16, dx[i]:dx[i] + 16]
+        torch.testing.assert_close(out[i], crop.flip(2) if flip[i] else crop)
+    assert augment(x[:, 0].reshape(2, -1), gen).shape == (2, 256)  # flat inputs pass through
+
+
+def test_a_model_trains_the_same_in_any_grouping_with_minibatches_and_augmentation(digits):
+    ds, x, y, xt, yt = digits
+    x4, xt4 = x.reshape(-1, 1, 8, 8), xt.reshape(-1, 1, 8, 8)
+    masks = subset_masks(0, range(6), ds.n_train, 0.5)
+    seeds = [model_seed(0, j, 0) for j in range(6)]
+    settings = TrainSettings(epochs=2, lr=1e-2, batch_size=135, augment=True)
+    factory = lambda: build_model("cnn", (1, 8, 8), ds.num_classes, width=4)  # noqa: E731
+
+    def margins(ids, stack_size):
+        trained = train_models(init_models(factory, [seeds[i] for i in ids]), x4, y, masks[ids], [seeds[i] for i in ids],
+                               settings, stack_size=stack_size)
+        return margins_from_logits(trained.logits(xt4), yt).numpy()
+
+    together = margins([0, 1, 2, 3, 4, 5], stack_size=6)
+    # model 4 alone, and in a different stack with other company, in another order
+    np.testing.assert_allclose(margins([4], 1)[0], together[4], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(margins([5, 4, 1], 2)[1], together[4], rtol=1e-4, atol=1e-4)
+    # steps per epoch come from each model's own subset: model 4 takes 6 steps, the rest 5 (stacked apart)
+    assert [settings.steps_per_epoch(int(m.sum())) for m in masks] == [5, 5, 5, 5, 6, 5]
+    assert np.abs(together[0] - together[1]).max() > 0.05  # the models differ: the comparison is not vacuous

@@ -16,7 +16,7 @@ LAYERS = [
     {"runs", "projection"},
     {"datamodels", "trak", "attribution"},
     {"evaluation", "counterfactuals"},
-    {"comparison"},
+    {"comparison", "modeldiff"},
     {"plots"},
     {"reports"},
 ]
@@ -82,3 +82,13 @@ def test_every_stage_depends_on_all_the_code_its_notebook_runs():
         declared = {Path(d).stem for d in stage["deps"] if d.startswith("src/datalens/")}
         assert needed <= declared, f"stage {name} runs {sorted(needed - declared)} but does not depend on them"
         assert declared <= needed, f"stage {name} depends on {sorted(declared - needed)}, which it never runs"
+
+
+def test_the_repo_cites_its_own_methods_doc():
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert (ROOT / "docs" / "methods.md").exists()
+    name = "METHODS" + ".md"  # spelled apart so this file does not cite it
+    citing = [f for f in tracked if f.endswith((".py", ".md", ".yaml", ".ipynb")) and (ROOT / f).exists()
+              and name in (ROOT / f).read_text()]
+    assert citing == [], f"files citing a {name} the repo does not contain: {citing}"

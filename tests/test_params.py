@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from datalens.config import ParamError, declared_params, stage_params
+from datalens.config import ParamError, check_params_file, declared_params, stage_params
 
 
 @pytest.mark.parametrize(
@@ -43,10 +43,68 @@ def test_every_declared_param_of_every_stage_exists_and_validates(root):
         stage_params(stage, root / "params.yaml")  # raises if a key is missing or invalid
 
 
-def test_the_cifar_profile_is_valid(root, tmp_path):
-    # The paper-scale profile validates against the same schema (it cannot run here: no GPU, no data).
+def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
+    # The paper-scale profile validates against the same schema and rules (it cannot run here: no GPU, no data).
     import shutil
     shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
-    p = stage_params("train_subsets", tmp_path / "params.yaml", environment=False)  # it names a GPU this machine lacks
-    assert p["model"]["name"] == "resnet9" and p["data"]["dataset"] == "cifar10"
+    check_params_file(tmp_path / "params.yaml")
+    for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
+        p = stage_params(stage, tmp_path / "params.yaml", environment=False)  # it names a GPU this machine lacks
+        assert p["data"]["dataset"] == "cifar10"
+    assert stage_params("train_subsets", tmp_path / "params.yaml", environment=False)["model"]["name"] == "resnet9"
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    ({"trak.num_models": [1, 60]}, ["trak.num_models", "train.num_checkpoints"]),
+    ({"attribution.ensemble_sizes": [1, 51]}, ["attribution.ensemble_sizes", "train.num_checkpoints"]),
+    ({"attribution.tracin_epochs": [50, 101]}, ["attribution.tracin_epochs", "train.epochs"]),
+    ({"datamodels.model_counts": [250, 3001]}, ["datamodels.model_counts", "train.num_models"]),
+    ({"datamodels.model_counts": [40, 250]}, ["datamodels.model_counts", "datamodels.val_fraction"]),
+    ({"counterfactuals.num_targets": 451}, ["counterfactuals.num_targets", "data.dataset"]),
+    ({"train.peak_epoch": 101}, ["train.peak_epoch", "train.epochs"]),
+    ({"attribution.selection_models": 2960}, ["attribution.selection_models", "train.num_checkpoints", "train.num_models"]),
+])
+def test_params_that_do_not_fit_together_are_refused_in_one_line_naming_the_keys(root, tmp_path, overrides, keys):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamError) as err:
+        check_params_file(tmp_path / "params.yaml")
+    message = str(err.value)
+    assert "\n" not in message and all(k in message for k in keys), message
+
+
+@pytest.mark.parametrize("key,value", [
+    ("datamodels.eps", 1), ("train.momentum", 1.0), ("train.label_smoothing", 1.0), ("train.lr", float("nan")),
+    ("train.lr", float("inf")), ("train.weight_decay", float("inf")), ("attribution.selection_models", 2),
+    ("evaluation.num_masks", 3), ("trak.ridge_grid", [1.0, float("nan")]),
+])
+def test_degenerate_values_are_refused(root, key, value):
+    stage = {"datamodels": "fit_datamodels", "evaluation": "eval_models", "trak": "attribution_comparison",
+             "attribution": "attribution_comparison"}.get(key.split(".")[0], "train_subsets")
+    with pytest.raises(ParamError, match=key.replace(".", r"\.")):
+        stage_params(stage, root / "params.yaml", {key: value})
+
+
+def test_a_gpu_asked_for_where_none_is_visible_is_refused(root):
+    with pytest.raises(ParamError, match="execution.num_gpus_per_task=0.5 is not allowed here"):
+        stage_params("train_subsets", root / "params.yaml", {"execution.num_gpus_per_task": 0.5})
+
+
+def test_a_declared_key_missing_from_the_file_is_an_error(root, tmp_path):
+    import shutil
+    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    del params["train"]["stack_size"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamError, match="'train.stack_size'.*missing"):
+        stage_params("train_subsets", tmp_path / "params.yaml")
+
+
+def test_make_repro_checks_the_whole_file_before_dvc_runs(root):
+    makefile = (root / "Makefile").read_text()
+    recipe = makefile.split("\nrepro:")[1].split("\n\n")[0]
+    assert recipe.index("datalens.config params.yaml") < recipe.index("dvc repro")

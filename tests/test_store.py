@@ -57,3 +57,46 @@ def test_store_works_on_an_fsspec_url():
     run = tiny_run("memory://datalens-test/s.zarr", num_models=4)
     store = train_subset_models(run, progress=False)
     assert store.completed().all() and store.read("test_margins").shape == (4, 450)
+
+
+def test_identity_holds_every_result_param_and_nothing_else(tmp_path):
+    from dataclasses import fields, replace
+    from datalens.engine import TrainSettings
+    run = tiny_run(tmp_path / "s.zarr")
+    identity = run.identity()
+    assert {f"train.{f.name}" for f in fields(TrainSettings)} <= set(identity)
+    assert {"data.dataset", "model.name", "model.hidden", "train.alpha", "seed", "stream", "repeats"} <= set(identity)
+    assert not {"train.block_size", "train.stack_size", "train.num_checkpoints", "train.store", "device"} & set(identity)
+    # how models are grouped, kept or placed does not change the identity, so a store is reused across them
+    same = [replace(run, stack_size=2), replace(run, block_size=6), replace(run, num_checkpoints=1), replace(run, device="auto")]
+    assert all(r.identity() == identity for r in same)
+    for f in fields(TrainSettings):  # every optimisation setting does
+        value = getattr(run.settings, f.name)
+        changed = {bool: lambda v: not v, str: lambda v: v + "x"}.get(type(value), lambda v: v + 1)(value)
+        assert replace(run, settings=replace(run.settings, **{f.name: changed})).identity() != identity, f.name
+
+
+def test_more_checkpoints_than_the_store_keeps_are_refused(tmp_path):
+    train_subset_models(tiny_run(tmp_path / "s.zarr"), progress=False)
+    with pytest.raises(StoreError, match="train.num_checkpoints=3"):
+        prepare_store(tiny_run(tmp_path / "s.zarr", num_checkpoints=3))
+    assert prepare_store(tiny_run(tmp_path / "s.zarr", num_checkpoints=1)).completed().all()  # fewer is fine
+
+
+def test_feature_store_shares_the_resumable_store_and_featurizes_only_what_is_missing(tmp_path, monkeypatch):
+    import datalens.trak as trak
+    from datalens.store import ResumableStore
+    run = tiny_run(tmp_path / "s.zarr", num_models=4, num_checkpoints=3)
+    train_subset_models(run, progress=False)
+    job = trak.FeatureJob(run, f"file://{tmp_path}/f.zarr", (8, 16))
+    store = trak.featurize_checkpoints(job, 2, progress=False)
+    assert isinstance(store, ResumableStore) and store.completed().all()
+    done = []
+    real = trak.featurize_checkpoint
+    monkeypatch.setattr(trak, "featurize_checkpoint", lambda j, m: done.append(m) or real(j, m))
+    grown = trak.featurize_checkpoints(job, 3, progress=False)
+    assert done == [2] and grown.completed().all()
+    # every k is charged its own projection beside the shared gradients
+    assert (grown.read("seconds_projection_k16", slice(0, 3)) > 0).all()
+    np.testing.assert_allclose(grown.seconds(3, 8) - grown.read("seconds_projection_k8", slice(0, 3)),
+                               grown.seconds(3, 16) - grown.read("seconds_projection_k16", slice(0, 3)))

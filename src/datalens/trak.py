@@ -161,10 +161,10 @@ class FeatureStore(ResumableStore):
 
     @classmethod
     def for_job(cls, job: FeatureJob, num_models: int, n_train: int, n_targets: int) -> "FeatureStore":
-        arrays = {"q": ArraySpec((n_train,)), "seconds_load": ArraySpec(()), "seconds_gradients": ArraySpec(())}
+        arrays = {"q": ArraySpec((n_train,)), "seconds_load": ArraySpec((), "float64"), "seconds_gradients": ArraySpec((), "float64")}
         for k in job.proj_dims:
             arrays.update({f"train_k{k}": ArraySpec((n_train, k)), f"targets_k{k}": ArraySpec((n_targets, k)),
-                           f"seconds_projection_k{k}": ArraySpec(())})
+                           f"seconds_projection_k{k}": ArraySpec((), "float64")})
         return cls.open(job.store, job.identity(), num_models, 1, arrays)
 
     def seconds(self, models: int, proj_dim: int) -> np.ndarray:

@@ -1,0 +1,43 @@
+"""The compute accounting of the LDS-versus-compute comparison, on synthetic scores."""
+import numpy as np
+import pytest
+
+from datalens.comparison import Comparison, Ground, overtaking_point
+
+
+def _cmp(selection=7):
+    rng = np.random.default_rng(0)
+    n, t, m = 20, 4, 30
+    w = rng.normal(size=(n, t))
+    masks = (rng.random((m, n)) < 0.5).astype(float)
+    vm = (rng.random((selection, n)) < 0.5).astype(float)
+    ground = Ground(masks, masks @ w, masks @ w + 0.1 * rng.normal(size=(m, t)), vm, vm @ w)
+    return Comparison(seconds_per_model=0.5, ground=ground), w
+
+
+def test_every_model_a_method_uses_is_charged_at_the_same_rate():
+    cmp, w = _cmp()
+    a = cmp.add("fits_on_own_models", 100, 2.0, w, selects=False)
+    b = cmp.add("chooses_on_validation", 3, 2.0, w, selects=True)
+    assert (a["models"], a["seconds"]) == (100, pytest.approx(100 * 0.5 + 2.0))
+    assert (b["models"], b["seconds"]) == (3 + 7, pytest.approx(10 * 0.5 + 2.0))
+    assert a["lds"] == pytest.approx(1.0) and b["models_used"] == 3
+    assert "7 validation models" in cmp.caption() and "500.0 ms" in cmp.caption()
+
+
+def test_selection_uses_validation_models_only():
+    cmp, w = _cmp()
+    best, lds = cmp.select({"true": w, "noise": np.random.default_rng(1).normal(size=w.shape)})
+    assert best == "true" and lds["true"] > lds["noise"]
+
+
+def test_overtaking_point_is_the_cheapest_point_above_the_rivals_best():
+    recs = [{"method": "trak", "models": 51, "seconds": 2.0, "lds": 0.6, "proj_dim": 8},
+            {"method": "trak", "models": 60, "seconds": 9.0, "lds": 0.7, "proj_dim": 8},
+            {"method": "trak", "models": 60, "seconds": 9.0, "lds": 0.9, "proj_dim": 4},  # another k, not compared
+            {"method": "datamodels", "models": 250, "seconds": 4.0, "lds": 0.65},
+            {"method": "datamodels", "models": 500, "seconds": 8.0, "lds": 0.75},
+            {"method": "datamodels", "models": 1000, "seconds": 16.0, "lds": 0.85}]
+    point = overtaking_point(recs, proj_dim=8)
+    assert (point["models"], point["seconds"], point["trak_best_lds"]) == (500, 8.0, 0.7)
+    assert overtaking_point(recs, proj_dim=4) == {}
