@@ -66,3 +66,81 @@ def test_no_difference_gives_no_asymmetric_direction():
 def test_shapes_must_agree():
     with pytest.raises(ValueError, match="differ in shape"):
         model_diff(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_recovery_matches_sklearn_and_a_direct_count():
+    from sklearn.metrics import roc_auc_score
+    from datalens.modeldiff import recovery
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=100)
+    planted = np.arange(10)
+    w[planted[:7]] = 10 * np.sign(rng.normal(size=7))  # 7 of 10 planted examples stand out (either sign)
+    r = recovery(w, planted)
+    truth = np.isin(np.arange(100), planted)
+    assert r["precision_at_planted"] == np.isin(np.argsort(-np.abs(w))[:10], planted).mean() == 0.7
+    assert r["auroc"] == roc_auc_score(truth, np.abs(w))
+
+
+def test_contrasted_classes_and_blend():
+    from datalens.modeldiff import Directions, blend_toward, contrasted_classes
+    comps = np.array([[3.0, 2.5, -2.0, -2.2, 0.1, 0.0]])
+    d = Directions(comps, np.ones(1), np.ones(1), np.ones(1), np.zeros((2, 1)))
+    assert contrasted_classes(d, 0, np.array([6, 6, 0, 0, 1, 1]), count=2) == (6, 0)
+    x, mean = np.ones((2, 3), np.float32), np.zeros(3, np.float32)
+    np.testing.assert_allclose(blend_toward(mean)(x, 0.25), 0.75)
+
+
+def test_planted_patch_and_blanking_on_the_data():
+    from datalens.data import blank_region, load_digits, plant_patch
+    ds = load_digits()
+    planted = plant_patch(ds, label=3, count=12, size=2, row=0, col=0, value=4.0, seed=1)
+    assert len(planted.planted) == 12 and (planted.y_train[planted.planted] == 3).all()
+    img = planted.x_train.reshape(-1, 8, 8)
+    assert (img[planted.planted][:, :2, :2] == 4.0).all()
+    others = np.setdiff1d(np.arange(ds.n_train), planted.planted)
+    np.testing.assert_array_equal(planted.x_train[others], ds.x_train[others])  # nothing else changed
+    np.testing.assert_array_equal(planted.x_test, ds.x_test)
+    blanked = blank_region(planted, size=2, row=0, col=0)
+    assert (blanked.x_train.reshape(-1, 8, 8)[:, :2, :2] == 0).all() and (blanked.x_test.reshape(-1, 8, 8)[:, :2, :2] == 0).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        plant_patch(ds, label=3, count=2, size=3, row=6, col=0, value=1.0)
+    with pytest.raises(ValueError, match="cannot plant"):
+        plant_patch(ds, label=3, count=10_000, size=2, row=0, col=0, value=1.0)
+
+
+def test_algorithms_share_masks_and_an_unchanged_algorithm_reuses_the_base_store(root):
+    from datalens.config import ParamError, stage_params
+    from datalens.modeldiff import algorithm_run, algorithm_runs
+    p = stage_params("modeldiff_train", root / "params.yaml")
+    runs = algorithm_runs(p)
+    base = runs["natural_a"]
+    assert base.store.endswith(p["train"]["store"]) and base.num_models == p["train"]["num_models"]
+    for name in ("planted_a", "planted_b", "natural_b", "control"):
+        r = runs[name]
+        assert (r.seed, r.stream, r.alpha) == (base.seed, base.stream, base.alpha)  # the same masks
+        assert r.store != base.store and r.identity() != base.identity()
+    assert runs["planted_a"].blank and not runs["planted_b"].blank and runs["planted_b"].patch == p["modeldiff"]["patch"]
+    assert runs["control"].model_seeds(0, 3) != base.model_seeds(0, 3)
+    with pytest.raises(ParamError, match="not allowed; allowed keys"):
+        algorithm_run(p, {"evaluation.seed": 3}, store="memory://x", num_models=10, num_checkpoints=2)
+    with pytest.raises(ParamError, match="train.lr"):
+        algorithm_run(p, {"train.lr": -1.0}, store="memory://x", num_models=10, num_checkpoints=2)
+
+
+def test_a_blanked_algorithm_cannot_react_to_the_patch(tmp_path):
+    from dataclasses import replace
+    from conftest import tiny_run
+    from datalens.data import stamp
+    from datalens.modeldiff import intervention_effect
+    from datalens.runs import train_subset_models
+    patch = {"label": 3, "count": 20, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0}
+    effects = {}
+    for name, blank in (("sees", None), ("blanked", {"size": 2, "row": 0, "col": 0})):
+        run = replace(tiny_run(tmp_path / f"{name}.zarr", num_models=4, num_checkpoints=3), patch=patch, blank=blank)
+        store = train_subset_models(run, progress=False)
+        ds = run.dataset_()
+        effects[name] = intervention_effect(run, store, 3, ds.x_test[:50], ds.y_test[:50],
+                                            lambda x, f: stamp(x, 2, 0, 0, f * 4.0), [1.0], watch=3)[0]
+    assert effects["blanked"]["probability_change"]["mean"] == 0.0
+    assert abs(effects["sees"]["probability_change"]["mean"]) > 0
+    assert effects["sees"]["probability_change"]["models"] == 3

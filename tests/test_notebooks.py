@@ -19,7 +19,12 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
         "attribution.ensemble_sizes": [1, 2], "attribution.dampings": [1.0, 10.0], "attribution.tracin_epochs": [2, 5],
         "attribution.ekfac_dampings": [0.01, 1.0],
     },
+    "06_modeldiff_train": {**COMMON, **TRAIN, "modeldiff.num_models": 40, "modeldiff.num_checkpoints": 4, "modeldiff.trak_models": 2,
+                           "modeldiff.patch": {"label": 3, "count": 10, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0},
+                           "modeldiff.natural_b": {"train.weight_decay": 0.0}},
 }
+TINY["06_modeldiff"] = {**TINY["06_modeldiff_train"], "modeldiff.num_components": 2, "modeldiff.blend_intensities": [0.2],
+                        "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
 
 
 def _run(root, tmp_path, name, overrides, extra=None):
@@ -27,8 +32,10 @@ def _run(root, tmp_path, name, overrides, extra=None):
     stage = name.split("_", 1)[1]
     declared = declared_params(stage, root)
     stores = {"train.store": f"file://{tmp_path}/train.zarr", "evaluation.store": f"file://{tmp_path}/eval.zarr",
-              "trak.store": f"file://{tmp_path}/trak.zarr"}
+              "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff"}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
+    if "modeldiff" in declared:  # its store folder holds several stores
+        overrides["modeldiff.store_dir"] = f"file://{tmp_path}/modeldiff"
     out = tmp_path / stage
     pm.execute_notebook(
         str(root / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
@@ -36,8 +43,9 @@ def _run(root, tmp_path, name, overrides, extra=None):
         kernel_name="python3",
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    figures = list((out / "figures").glob("*.png"))
-    assert figures and all(f.stat().st_size > 1000 for f in figures)
+    if stage != "modeldiff_train":  # a training stage with no figures of its own
+        figures = list((out / "figures").glob("*.png"))
+        assert figures and all(f.stat().st_size > 1000 for f in figures)
     return metrics
 
 
@@ -64,6 +72,15 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
         assert r["models"] == r["models_used"] + (20 if r["selects_on_validation"] else 0), r
     assert {r["method"] for r in m5["records"] if r["selects_on_validation"]} >= {"trak", "influence_explicit", "ekfac_influence"}
     assert not (tmp_path / "file:").exists()  # the URL stores were not taken for relative paths
+    m6 = _run(root, tmp_path, "06_modeldiff_train", TINY["06_modeldiff_train"])
+    assert set(m6) == {"planted_a", "planted_b", "natural_a", "natural_b", "control"}
+    assert m6["natural_a"]["store"] == f"file://{tmp_path}/train.zarr"  # the base run's store is reused
+    assert all(m6[n]["models"] == 40 for n in ("planted_a", "planted_b", "natural_b", "control"))
+    m7 = _run(root, tmp_path, "06_modeldiff", TINY["06_modeldiff"])
+    assert len(m7["planted"]["recovery_by_direction"]) == 2 and m7["control"]["largest_variance_ratio"] >= 1
+    effect_a = m7["planted"]["intervention"]["planted_a"]
+    assert [e["intensity"] for e in effect_a] == [0.25, 0.5, 1.0]
+    assert all(abs(e["probability_change"]["mean"]) < 1e-6 for e in effect_a)  # A's preprocessing blanks the patch
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

@@ -104,6 +104,34 @@ def _float_list(lo: float = 0.0) -> Callable[[str, Any], None]:
     return check
 
 
+def _fields(**checks: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """A mapping with exactly these fields, each checked by its validator."""
+    def check(key: str, v: Any) -> None:
+        if not isinstance(v, dict) or set(v) != set(checks):
+            raise ParamError(f"{key}={v!r} is not allowed; it must be a mapping with the fields {', '.join(checks)}")
+        for name, field_check in checks.items():
+            field_check(f"{key}.{name}", v[name])
+    return check
+
+
+_REGION = {"size": None, "row": None, "col": None}  # filled below, once _int exists
+
+
+def _overrides(key: str, v: Any) -> None:
+    """An algorithm as overrides of the base run: dotted model.* / train.* keys (each checked as
+    that param) and data.blank (a region)."""
+    if not isinstance(v, dict):
+        raise ParamError(f"{key}={v!r} is not allowed; it must be a mapping of dotted keys (model.*, train.*, data.blank)")
+    for k, value in v.items():
+        if k == "data.blank":
+            _fields(**_REGION)(f"{key}.{k}", value)
+        elif k.split(".")[0] in ("model", "train") and k in SCHEMA:
+            SCHEMA[k](f"{key}.{k}", value)
+        else:
+            raise ParamError(f"{key}: override '{k}' is not allowed; allowed keys: data.blank, "
+                             f"{', '.join(sorted(x for x in SCHEMA if x.split('.')[0] in ('model', 'train')))}")
+
+
 def _str(key: str, v: Any) -> None:
     if not isinstance(v, str) or not v:
         raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty string")
@@ -128,6 +156,8 @@ _TRAIN = {
     "augment": _bool,
     "precision": _choice("float32", "bfloat16"),
 }
+
+_REGION.update(size=_int(1), row=_int(0), col=_int(0))
 
 MIN_RANKED = 5  # models in a validation or evaluation set: fewer cannot rank hyperparameters by Spearman
 
@@ -174,6 +204,22 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "attribution.tracin_epochs": _int_list(1),
     "attribution.selection_models": _int(MIN_RANKED),
     "attribution.ekfac_dampings": _float_list(0.0),
+    "modeldiff.attribution": _choice("datamodels", "trak"),
+    "modeldiff.num_models": _int(20),
+    "modeldiff.num_checkpoints": _int(2),
+    "modeldiff.num_components": _int(1),
+    "modeldiff.patch": _fields(label=_int(0), count=_int(1), size=_int(1), row=_int(0), col=_int(0),
+                               value=_float(), seed=_int(0)),
+    "modeldiff.planted_a": _overrides,
+    "modeldiff.planted_b": _overrides,
+    "modeldiff.natural_a": _overrides,
+    "modeldiff.natural_b": _overrides,
+    "modeldiff.patch_intensities": _float_list(0.0),
+    "modeldiff.blend_intensities": _float_list(0.0),
+    "modeldiff.trak_models": _int(1),
+    "modeldiff.trak_proj_dim": _int(1),
+    "modeldiff.trak_ridge": _float(0.0, None, lo_open=True),
+    "modeldiff.store_dir": _str,
 }
 
 
@@ -210,6 +256,12 @@ def check_consistency(flat: dict[str, Any]) -> None:
     rule(("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
     rule(("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
          "the selection models (the last attribution.selection_models of the run) must not overlap the checkpointed ones")
+    rule(("modeldiff.num_models", "train.num_models"), lambda m, n: m <= n,
+         "modeldiff.num_models must be <= train.num_models (an algorithm equal to the base run reuses its store)")
+    rule(("modeldiff.num_checkpoints", "train.num_checkpoints"), lambda m, n: m <= n,
+         "modeldiff.num_checkpoints must be <= train.num_checkpoints (the base run's checkpoints are reused)")
+    rule(("modeldiff.trak_models", "modeldiff.num_checkpoints"), lambda t, k: t <= k,
+         "modeldiff.trak_models must be <= modeldiff.num_checkpoints")
 
 
 def check_environment(flat: dict[str, Any]) -> None:
@@ -225,11 +277,11 @@ def check_environment(flat: dict[str, Any]) -> None:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested params as dotted keys (lists stay values)."""
+    """Nested params as dotted keys (lists, and mappings that are one param, stay values)."""
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        flat.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+        flat.update(flatten(v, key + ".") if isinstance(v, dict) and key not in SCHEMA else {key: v})
     return flat
 
 

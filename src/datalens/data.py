@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class Dataset:
     class_names: tuple[str, ...]
     images_train: np.ndarray
     images_test: np.ndarray
+    planted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # training examples given a patch
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -136,8 +137,63 @@ DATASETS = {
 TEST_SIZES = {"digits": 450, "cifar10": 10000, "cifar2": 2000}
 
 
-def load_dataset(name: str, root: str | Path = "data") -> Dataset:
-    """Load a registered dataset by name (see :data:`DATASETS`)."""
+def _image_view(x: np.ndarray) -> np.ndarray:
+    """Model inputs (n, *input_shape) seen as images (n, C, H, W): flat square inputs are one channel."""
+    if x.ndim == 4:
+        return x
+    side = int(round(np.sqrt(x.shape[1])))
+    if x.ndim != 2 or side * side != x.shape[1]:
+        raise ValueError(f"inputs of shape {x.shape[1:]} are not images; a patch needs square images")
+    return x.reshape(len(x), 1, side, side)
+
+
+def stamp(x: np.ndarray, size: int, row: int, col: int, value: float) -> np.ndarray:
+    """A copy of inputs (n, *input_shape) with a size x size square set to ``value`` (in the
+    model's input units: standardised for digits, normalised for CIFAR) at (row, col), every channel."""
+    out = x.copy()
+    view = _image_view(out)
+    h, w = view.shape[2:]
+    if not (0 <= row <= h - size and 0 <= col <= w - size and size >= 1):
+        raise ValueError(f"a {size}x{size} patch at ({row}, {col}) does not fit {h}x{w} images")
+    view[:, :, row:row + size, col:col + size] = value
+    return out
+
+
+def _stamp_images(images: np.ndarray, size: int, row: int, col: int) -> np.ndarray:
+    out = images.copy()
+    out[:, row:row + size, col:col + size] = 1.0  # drawn saturated, whatever its input value
+    return out
+
+
+def plant_patch(ds: Dataset, label: int, count: int, size: int, row: int, col: int, value: float, seed: int = 0) -> Dataset:
+    """The dataset with a patch stamped on ``count`` training images of class ``label`` (chosen by
+    ``seed``): a planted feature whose training examples are known (``Dataset.planted``)."""
+    pool = np.flatnonzero(ds.y_train == label)
+    if not 0 <= label < ds.num_classes or count > len(pool) or count < 1:
+        raise ValueError(f"cannot plant a patch on {count} training images of class {label} "
+                         f"({len(pool)} exist; classes 0..{ds.num_classes - 1})")
+    idx = np.sort(np.random.default_rng([seed, 31]).choice(pool, count, replace=False))
+    x_train, images = ds.x_train.copy(), ds.images_train.copy()
+    x_train[idx] = stamp(ds.x_train[idx], size, row, col, value)
+    images[idx] = _stamp_images(ds.images_train[idx], size, row, col)
+    return replace(ds, x_train=x_train, images_train=images, planted=idx)
+
+
+def blank_region(ds: Dataset, size: int, row: int, col: int) -> Dataset:
+    """Preprocessing that blanks a size x size region of every input, training and test, to 0 (the
+    training mean after standardisation): a model trained on it cannot see that region."""
+    return replace(ds, x_train=stamp(ds.x_train, size, row, col, 0.0), x_test=stamp(ds.x_test, size, row, col, 0.0))
+
+
+def load_dataset(name: str, root: str | Path = "data", patch: dict | None = None, blank: dict | None = None) -> Dataset:
+    """Load a registered dataset by name (see :data:`DATASETS`), with a planted ``patch``
+    (keyword arguments of :func:`plant_patch`) and then a ``blank`` preprocessing (of
+    :func:`blank_region`) when given."""
     if name not in DATASETS:
         raise ValueError(f"data.dataset={name!r} is unknown; allowed values: {', '.join(DATASETS)}")
-    return DATASETS[name](root)
+    ds = DATASETS[name](root)
+    if patch:
+        ds = plant_patch(ds, **patch)
+    if blank:
+        ds = blank_region(ds, **blank)
+    return ds

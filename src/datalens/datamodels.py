@@ -182,7 +182,9 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
                    tol: float = 1e-5, device: str = "cpu", progress: bool = True) -> tuple[Datamodels, dict]:
     """Fit along the path on ``train``, select each target's lambda on ``val``, refit on both.
 
-    Returns the datamodels and a diagnostics dict (val MSE path (num_lambdas, T), chosen index (T,)).
+    Returns the datamodels and a diagnostics dict: val MSE path (num_lambdas, T), chosen index (T,),
+    the lambda grid, the number of solves stopped by ``max_iter``, and the refit's starting point
+    (n, T): each target's path solution at its chosen lambda.
     """
     dtype = torch.float64 if device == "cpu" else torch.float32
     mu, sigma, ybar, gram_np, cross_np = train.standardised()
@@ -233,7 +235,8 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
                       f"of its solves; raise max_iter (or tol) for a fit that is closer to the optimum", stacklevel=2)
     weight = w_std / sigma[:, None]
     dm = Datamodels(weight=weight, bias=ybar - mu @ weight, lam=lam_train, weight_std=w_std, mu=mu, sigma=sigma, ybar=ybar)
-    return dm, {"val_mse_path": val_mse, "best_index": best_idx, "lambda_grid": grid, "unconverged_solves": unconverged}
+    return dm, {"val_mse_path": val_mse, "best_index": best_idx, "lambda_grid": grid, "unconverged_solves": unconverged,
+                "refit_start": w_best.cpu().numpy()}
 
 
 def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

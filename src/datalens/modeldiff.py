@@ -16,10 +16,23 @@ under one algorithm and little under the other. All arithmetic is float64, on an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from datalens.config import ParamError, resolve_location, set_dotted, validate
+from datalens.data import stamp
+from datalens.datamodels import fit_from_store
+from datalens.engine import resolve_device
+from datalens.outputs import margins_from_logits
+from datalens.runs import SubsetRun
+from datalens.store import SubsetStore
+from datalens.trak import featurize, trak_scores
 
 
 def unit_rows(theta: np.ndarray | torch.Tensor, device="cpu") -> torch.Tensor:
@@ -103,3 +116,117 @@ def model_diff(theta_a, theta_b, num_components: int = 5, device="cpu") -> tuple
 def per_target_cosine(theta_a, theta_b) -> np.ndarray:
     """(T,) cosine similarity of each target's attributions under A and B."""
     return (unit_rows(theta_a) * unit_rows(theta_b)).sum(1).numpy()
+
+
+# --- the pipeline: two algorithms on the same masks, their attributions, and interventions ---
+
+def algorithm_run(p: dict, overrides: dict, *, store: str, num_models: int, num_checkpoints: int,
+                  patch: dict | None = None, repeat_offset: int = 0) -> SubsetRun:
+    """The base run of stage params ``p`` with one algorithm's ``overrides`` (dotted ``model.*`` and
+    ``train.*`` keys, and ``data.blank``), on the base run's masks (the same ``train.seed``)."""
+    tree, flat = copy.deepcopy(p), {}
+    for key, value in overrides.items():
+        if key != "data.blank" and key.split(".")[0] not in ("model", "train"):
+            raise ParamError(f"modeldiff override '{key}' is not allowed; allowed keys: model.*, train.*, data.blank")
+        if key != "data.blank":
+            set_dotted(tree, key, value)
+            flat[key] = value
+    validate(flat)
+    run = SubsetRun.from_params(tree, store=store, num_models=num_models, num_checkpoints=num_checkpoints)
+    return replace(run, patch=patch or None, blank=overrides.get("data.blank"), repeat_offset=repeat_offset)
+
+
+def attribution_matrix(run: SubsetRun, store: SubsetStore, kind: str, num_models: int, solver: dict,
+                       trak_models: int = 10, proj_dim: int = 2048, ridge: float = 1.0, seed: int = 0) -> np.ndarray:
+    """(n_train, n_test) attributions of one algorithm: datamodels fit on its first ``num_models``
+    subset models (lambda chosen on a 10% split of them), or TRAK from its first ``trak_models`` checkpoints."""
+    if kind == "datamodels":
+        dm, _ = fit_from_store(store, num_models=num_models, val_fraction=0.1, seed=seed, progress=False, **solver)
+        return dm.weight
+    if kind == "trak":
+        device = resolve_device(run.device)
+        data = run.dataset_().tensors(device)
+        feats = [featurize(run.load_checkpoint(store, m, device), *data, proj_dim, seed, m) for m in range(trak_models)]
+        return trak_scores(feats, ridge)
+    raise ParamError(f"modeldiff.attribution={kind!r} is not allowed; allowed values: datamodels, trak")
+
+
+def recovery(weights: np.ndarray, planted: np.ndarray) -> dict:
+    """How well a direction's |weights| (n_train,) pick out the planted training examples:
+    precision at the planted count (recall is the same there) and AUROC."""
+    truth = np.zeros(len(weights), bool)
+    truth[planted] = True
+    top = np.argsort(-np.abs(weights))[:len(planted)]
+    return {"precision_at_planted": float(truth[top].mean()), "auroc": float(roc_auc_score(truth, np.abs(weights)))}
+
+
+def _interval(values: np.ndarray) -> dict:
+    """Mean of per-model values with a 95% t-interval across models."""
+    m = len(values)
+    half = float(stats.t.ppf(0.975, m - 1) * values.std(ddof=1) / np.sqrt(m)) if m > 1 else float("nan")
+    return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half), "models": m}
+
+
+def intervention_effect(run: SubsetRun, store: SubsetStore, models: int, inputs: np.ndarray, labels: np.ndarray,
+                        transform: Callable[[np.ndarray, float], np.ndarray], intensities: list[float],
+                        watch: int | None = None) -> list[dict]:
+    """Mean change, over ``inputs`` (n, *input_shape), of each of the first ``models`` checkpointed
+    models' outputs when ``transform(inputs, intensity)`` replaces them, then the algorithm's
+    preprocessing (its blanking) as for any input. Watched is class ``watch`` (its probability
+    and its margin) or, by default, each input's own label (its margin). One record per
+    intensity, each with a 95% interval across models."""
+    device = resolve_device(run.device)
+    target = torch.as_tensor(labels if watch is None else np.full(len(labels), watch), device=device)
+
+    def outputs(x):
+        if run.blank:
+            x = stamp(x, run.blank["size"], run.blank["row"], run.blank["col"], 0.0)
+        xt = torch.as_tensor(x, device=device)
+        with torch.no_grad():
+            logits = torch.stack([run.load_checkpoint(store, m, device)(xt) for m in range(models)])
+        prob = torch.softmax(logits, -1).gather(-1, target.expand(models, -1).unsqueeze(-1)).squeeze(-1)
+        return prob.double().cpu().numpy(), margins_from_logits(logits, target).double().cpu().numpy()
+
+    p0, m0 = outputs(inputs)
+    out = []
+    for intensity in intensities:
+        p1, m1 = outputs(transform(inputs, intensity))
+        out.append({"intensity": float(intensity), "probability_change": _interval((p1 - p0).mean(1)),
+                    "margin_change": _interval((m1 - m0).mean(1))})
+    return out
+
+
+def contrasted_classes(directions: Directions, c: int, labels: np.ndarray, count: int = 20) -> tuple[int, int]:
+    """The most common training label among direction c's ``count`` most positive and most
+    negative examples: the two classes the direction contrasts."""
+    pos, neg = directions.top_training_examples(c, count)
+    return int(np.bincount(labels[pos]).argmax()), int(np.bincount(labels[neg]).argmax())
+
+
+def blend_toward(mean: np.ndarray) -> Callable[[np.ndarray, float], np.ndarray]:
+    """The transformation x -> (1 - t) x + t * mean (a mean image of another class) at intensity t."""
+    return lambda x, t: ((1 - t) * x + t * mean[None]).astype(x.dtype)
+
+
+ALGORITHMS = ("planted_a", "planted_b", "natural_a", "natural_b")
+
+
+def algorithm_runs(p: dict) -> dict[str, SubsetRun]:
+    """Every run the ModelDiff stages need, by name: the two algorithms of the planted case (both
+    on the patched data), the two of the natural case, and ``control``: ``natural_a`` again with
+    other model seeds on the same masks (the negative control). An algorithm equal to the base
+    run (no overrides, no patch) is the base run itself, so its store is reused."""
+    md = p["modeldiff"]
+    base = SubsetRun.from_params(p)
+    out = {}
+    for name in (*ALGORITHMS, "control"):
+        overrides = md["natural_a" if name == "control" else name]
+        patch = md["patch"] if name.startswith("planted") else None
+        offset = 1 if name == "control" else 0
+        if not overrides and not patch and not offset:
+            out[name] = base
+            continue
+        store = f"{resolve_location(p, md['store_dir'])}/{name}.zarr"
+        out[name] = algorithm_run(p, overrides, store=store, num_models=md["num_models"],
+                                  num_checkpoints=md["num_checkpoints"], patch=patch, repeat_offset=offset)
+    return out

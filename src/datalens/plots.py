@@ -125,3 +125,65 @@ def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = 
     fig.savefig(Path(path), dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def variance_scatter(directions: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, label_a: str = "A",
+                     label_b: str = "B") -> Path:
+    """Explained variance of each distinguishing direction under algorithm A (x) and B (y), one
+    series per residual (e.g. "A minus B": (variance_a (k,), variance_b (k,))), with the y = x line."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    top = max(max(a.max(), b.max()) for a, b in directions.values()) * 1.1
+    for name, (a, b) in directions.items():
+        ax.scatter(a, b, label=name, s=30)
+        for i, (xa, yb) in enumerate(zip(a, b)):
+            ax.annotate(str(i + 1), (xa, yb), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([0, top], [0, top], "k--", lw=1)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"explained variance under {label_a}",
+           ylabel=f"explained variance under {label_b}", title="distinguishing directions")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def dose_response(xs: list[float], series: dict[str, list[dict]], path: Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """Mean effect with its 95% interval (records with mean, low, high) against intensity, one line per algorithm."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, recs in series.items():
+        mean = [r["mean"] for r in recs]
+        ax.errorbar(xs, mean, yerr=[[m - r["low"] for m, r in zip(mean, recs)], [r["high"] - m for m, r in zip(mean, recs)]],
+                    marker="o", capsize=4, label=name)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def roc_curve(scores: np.ndarray, truth: np.ndarray, path: Path, title: str = "") -> Path:
+    """ROC of ``scores`` (n,) against boolean ``truth`` (n,)."""
+    order = np.argsort(-scores)
+    t = truth[order].astype(float)
+    tpr = np.concatenate([[0], np.cumsum(t) / max(t.sum(), 1)])
+    fpr = np.concatenate([[0], np.cumsum(1 - t) / max((1 - t).sum(), 1)])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    return _save(fig, path)
+
+
+def bars(values: dict[str, float], path: Path, ylabel: str, title: str = "", errors: dict[str, float] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    names = list(values)
+    ax.bar(names, [values[n] for n in names], yerr=[errors[n] for n in names] if errors else None, capsize=4)
+    ax.set(ylabel=ylabel, title=title)
+    ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, path)
+
+
+def histograms(values: dict[str, np.ndarray], path: Path, xlabel: str, title: str = "") -> Path:
+    """Overlaid histograms, one per named sample."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, v in values.items():
+        sns.histplot(v, bins=40, ax=ax, label=f"{name} (median {np.median(v):.2f})", element="step", fill=False)
+    ax.set(xlabel=xlabel, ylabel="targets", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

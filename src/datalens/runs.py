@@ -7,6 +7,7 @@ grouped into blocks, stacks or workers.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
@@ -47,6 +48,9 @@ class SubsetRun:
     stream: str = "train"
     repeats: int = 1
     stack_size: int = 8
+    patch: dict | None = None  # a planted feature (datalens.data.plant_patch), for ModelDiff's ground truth
+    blank: dict | None = None  # preprocessing that blanks a region (datalens.data.blank_region)
+    repeat_offset: int = 0  # shifts every model seed: the same masks with other seeds (a negative control)
 
     @classmethod
     def from_params(cls, p: dict, **given) -> "SubsetRun":
@@ -76,21 +80,24 @@ class SubsetRun:
         """Every param that changes a model's results, and nothing else: not how many models,
         where they go, how they are grouped (block and stack size) or which are checkpointed.
         The device changes only floating-point rounding and is not part of it either."""
+        optional = {"data.patch": self.patch, "data.blank": self.blank, "repeat_offset": self.repeat_offset}
         return {
             "data.dataset": self.dataset, "model.name": self.model,
             **{f"model.{k}": v for k, v in sorted(self.model_kwargs.items())},
             **{f"train.{k}": v for k, v in asdict(self.settings).items()},
             "train.alpha": self.alpha, "seed": self.seed, "stream": self.stream, "repeats": self.repeats,
+            **{k: v for k, v in optional.items() if v},  # absent when unused, so older stores stay valid
         }
 
     def mask_indices(self, start: int, stop: int) -> np.ndarray:
         return np.arange(start, stop) // self.repeats
 
     def model_seeds(self, start: int, stop: int) -> list[int]:
-        return [model_seed(self.seed, j // self.repeats, j % self.repeats, self.stream) for j in range(start, stop)]
+        return [model_seed(self.seed, j // self.repeats, j % self.repeats + self.repeat_offset, self.stream)
+                for j in range(start, stop)]
 
     def dataset_(self) -> Dataset:
-        return cached_dataset(self.dataset, self.data_root)
+        return cached_dataset(self.dataset, self.data_root, self.patch, self.blank)
 
     def build_model(self) -> nn.Module:
         ds = self.dataset_()
@@ -106,11 +113,12 @@ class SubsetRun:
 _DATA_CACHE: dict = {}
 
 
-def cached_dataset(name: str, root: str) -> Dataset:
-    """Load each dataset once per process (block jobs in one worker share it)."""
-    if (name, root) not in _DATA_CACHE:
-        _DATA_CACHE[(name, root)] = load_dataset(name, root)
-    return _DATA_CACHE[(name, root)]
+def cached_dataset(name: str, root: str, patch: dict | None = None, blank: dict | None = None) -> Dataset:
+    """Load each dataset (with its patch and blanking) once per process (block jobs in one worker share it)."""
+    key = (name, root, json.dumps(patch, sort_keys=True), json.dumps(blank, sort_keys=True))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_dataset(name, root, patch, blank)
+    return _DATA_CACHE[key]
 
 
 def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int]) -> dict:
