@@ -93,19 +93,22 @@ def test_contrasted_classes_and_blend():
 def test_planted_patch_and_blanking_on_the_data():
     from datalens.data import blank_region, load_digits, plant_patch
     ds = load_digits()
-    planted = plant_patch(ds, label=3, count=12, size=2, row=0, col=0, value=4.0, seed=1)
+    planted = plant_patch(ds, label=3, count=12, test_count=4, size=2, row=0, col=0, value=4.0, seed=1)
     assert len(planted.planted) == 12 and (planted.y_train[planted.planted] == 3).all()
+    assert len(planted.planted_test) == 4 and (planted.y_test[planted.planted_test] == 3).all()
     img = planted.x_train.reshape(-1, 8, 8)
     assert (img[planted.planted][:, :2, :2] == 4.0).all()
+    assert (planted.x_test.reshape(-1, 8, 8)[planted.planted_test][:, :2, :2] == 4.0).all()
     others = np.setdiff1d(np.arange(ds.n_train), planted.planted)
     np.testing.assert_array_equal(planted.x_train[others], ds.x_train[others])  # nothing else changed
-    np.testing.assert_array_equal(planted.x_test, ds.x_test)
+    others_test = np.setdiff1d(np.arange(ds.n_test), planted.planted_test)
+    np.testing.assert_array_equal(planted.x_test[others_test], ds.x_test[others_test])
     blanked = blank_region(planted, size=2, row=0, col=0)
     assert (blanked.x_train.reshape(-1, 8, 8)[:, :2, :2] == 0).all() and (blanked.x_test.reshape(-1, 8, 8)[:, :2, :2] == 0).all()
     with pytest.raises(ValueError, match="does not fit"):
-        plant_patch(ds, label=3, count=2, size=3, row=6, col=0, value=1.0)
+        plant_patch(ds, label=3, count=2, test_count=0, size=3, row=6, col=0, value=1.0)
     with pytest.raises(ValueError, match="cannot plant"):
-        plant_patch(ds, label=3, count=10_000, size=2, row=0, col=0, value=1.0)
+        plant_patch(ds, label=3, count=10_000, test_count=0, size=2, row=0, col=0, value=1.0)
 
 
 def test_algorithms_share_masks_and_an_unchanged_algorithm_reuses_the_base_store(root):
@@ -133,7 +136,7 @@ def test_a_blanked_algorithm_cannot_react_to_the_patch(tmp_path):
     from datalens.data import stamp
     from datalens.modeldiff import intervention_effect
     from datalens.runs import train_subset_models
-    patch = {"label": 3, "count": 20, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0}
+    patch = {"label": 3, "count": 20, "test_count": 5, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0}
     effects = {}
     for name, blank in (("sees", None), ("blanked", {"size": 2, "row": 0, "col": 0})):
         run = replace(tiny_run(tmp_path / f"{name}.zarr", num_models=4, num_checkpoints=3), patch=patch, blank=blank)

@@ -20,7 +20,7 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
         "attribution.ekfac_dampings": [0.01, 1.0],
     },
     "06_modeldiff_train": {**COMMON, **TRAIN, "modeldiff.num_models": 40, "modeldiff.num_checkpoints": 4, "modeldiff.trak_models": 2,
-                           "modeldiff.patch": {"label": 3, "count": 10, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0},
+                           "modeldiff.patch": {"label": 3, "count": 10, "test_count": 4, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0},
                            "modeldiff.natural_b": {"train.weight_decay": 0.0}},
 }
 TINY["06_modeldiff"] = {**TINY["06_modeldiff_train"], "modeldiff.num_components": 2, "modeldiff.blend_intensities": [0.2],

@@ -208,7 +208,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "modeldiff.num_models": _int(20),
     "modeldiff.num_checkpoints": _int(2),
     "modeldiff.num_components": _int(1),
-    "modeldiff.patch": _fields(label=_int(0), count=_int(1), size=_int(1), row=_int(0), col=_int(0),
+    "modeldiff.patch": _fields(label=_int(0), count=_int(1), test_count=_int(0), size=_int(1), row=_int(0), col=_int(0),
                                value=_float(), seed=_int(0)),
     "modeldiff.planted_a": _overrides,
     "modeldiff.planted_b": _overrides,

@@ -45,6 +45,7 @@ class Dataset:
     images_train: np.ndarray
     images_test: np.ndarray
     planted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # training examples given a patch
+    planted_test: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # test examples given it
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -165,18 +166,24 @@ def _stamp_images(images: np.ndarray, size: int, row: int, col: int) -> np.ndarr
     return out
 
 
-def plant_patch(ds: Dataset, label: int, count: int, size: int, row: int, col: int, value: float, seed: int = 0) -> Dataset:
-    """The dataset with a patch stamped on ``count`` training images of class ``label`` (chosen by
-    ``seed``): a planted feature whose training examples are known (``Dataset.planted``)."""
-    pool = np.flatnonzero(ds.y_train == label)
-    if not 0 <= label < ds.num_classes or count > len(pool) or count < 1:
-        raise ValueError(f"cannot plant a patch on {count} training images of class {label} "
-                         f"({len(pool)} exist; classes 0..{ds.num_classes - 1})")
-    idx = np.sort(np.random.default_rng([seed, 31]).choice(pool, count, replace=False))
-    x_train, images = ds.x_train.copy(), ds.images_train.copy()
+def plant_patch(ds: Dataset, label: int, count: int, test_count: int, size: int, row: int, col: int, value: float,
+                seed: int = 0) -> Dataset:
+    """The dataset with a patch stamped on ``count`` training images and ``test_count`` test images
+    of class ``label`` (chosen by ``seed``): a planted feature of the data distribution whose
+    training examples are known (``Dataset.planted``)."""
+    pool, test_pool = np.flatnonzero(ds.y_train == label), np.flatnonzero(ds.y_test == label)
+    if not 0 <= label < ds.num_classes or not 1 <= count <= len(pool) or not 0 <= test_count <= len(test_pool):
+        raise ValueError(f"cannot plant a patch on {count} training and {test_count} test images of class {label} "
+                         f"({len(pool)} and {len(test_pool)} exist; classes 0..{ds.num_classes - 1})")
+    rng = np.random.default_rng([seed, 31])
+    idx, test_idx = np.sort(rng.choice(pool, count, replace=False)), np.sort(rng.choice(test_pool, test_count, replace=False))
+    x_train, images, x_test, images_test = ds.x_train.copy(), ds.images_train.copy(), ds.x_test.copy(), ds.images_test.copy()
     x_train[idx] = stamp(ds.x_train[idx], size, row, col, value)
     images[idx] = _stamp_images(ds.images_train[idx], size, row, col)
-    return replace(ds, x_train=x_train, images_train=images, planted=idx)
+    x_test[test_idx] = stamp(ds.x_test[test_idx], size, row, col, value)
+    images_test[test_idx] = _stamp_images(ds.images_test[test_idx], size, row, col)
+    return replace(ds, x_train=x_train, images_train=images, x_test=x_test, images_test=images_test, planted=idx,
+                   planted_test=test_idx)
 
 
 def blank_region(ds: Dataset, size: int, row: int, col: int) -> Dataset:
