@@ -19,6 +19,7 @@ LAYERS = [
     {"comparison", "modeldiff"},
     {"plots"},
     {"reports"},
+    {"report_page"},
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 OPTIONAL = {"ray", "fast_jl", "kronfluence"}  # heavy optional dependencies may be imported lazily

@@ -5,6 +5,10 @@ import json
 import subprocess
 
 import papermill as pm
+import yaml
+
+from browser import open_offline
+from datalens.report_page import render_html
 
 COMMON = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8}
 TRAIN = {"train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4}
@@ -81,6 +85,17 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     effect_a = m7["planted"]["intervention"]["planted_a"]
     assert [e["intensity"] for e in effect_a] == [0.25, 0.5, 1.0]
     assert all(abs(e["probability_change"]["mean"]) < 1e-6 for e in effect_a)  # A's preprocessing blanks the patch
+
+    # the report gathers every figure the stages drew, and opens offline in a browser with all of them
+    report = {"evaluation.num_masks": 12, "evaluation.repeats": 2, "modeldiff.num_models": 40}
+    pm.execute_notebook(str(root / "notebooks" / "08_report.ipynb"), str(tmp_path / "08_report.ipynb"),
+                        parameters={"overrides": report, "out_dir": str(tmp_path / "report"), "reports_dir": str(tmp_path)},
+                        cwd=str(root), progress_bar=False, kernel_name="python3")
+    html = render_html(tmp_path / "08_report.ipynb", tmp_path / "index.html")
+    declared = [f.split("/", 1)[1] for f in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]]  # reports/<stage>/figures/x.png
+    assert all((tmp_path / f).exists() for f in declared)
+    page = open_offline(html, tmp_path / "report.png")
+    assert page == {"images": len(declared), "loaded": len(declared), "remote": []}
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

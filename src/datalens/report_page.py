@@ -1,0 +1,229 @@
+"""The report of the thesis's figures (stage ``report``): every figure the stages drew, with a
+caption that sets the number measured here beside the published one (``docs/published.yaml``,
+never numbers in code), a summary table of headline metrics, rendered into one self-contained
+HTML page that opens offline."""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import nbformat
+import yaml
+from nbconvert import HTMLExporter
+
+
+NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
+             "counterfactuals": "04_counterfactuals", "attribution_comparison": "05_attribution_comparison",
+             "modeldiff": "06_modeldiff"}
+SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals")),
+            ("TRAK and the method comparison", ("attribution_comparison",)),
+            ("ModelDiff", ("modeldiff",)),
+            ("Unlearning", ("unlearning",))]
+SCALE = "Here: scikit-learn digits and a one-hidden-layer MLP on 2 CPU cores; there: CIFAR-10 and ResNet-9."
+
+
+def _best(m: dict, method: str, **match) -> dict:
+    recs = [r for r in m["records"] if r["method"] == method and all(r.get(k) == v for k, v in match.items())]
+    return max(recs, key=lambda r: r["lds"])
+
+
+def _trak_at(m: dict, models_used: int) -> float:
+    k = max(r["proj_dim"] for r in m["records"] if r["method"] == "trak")
+    return next(r["lds"] for r in m["records"] if r["method"] == "trak" and r["proj_dim"] == k and r["models_used"] == models_used)
+
+
+# (stage, file, what it shows, what it mirrors, measured here (from the stage's metrics), published keys)
+FIGURES = [
+    ("train_subsets", "test_accuracy.png", "Test accuracy of every subset model (alpha = 0.5).", "the ground truth of every later figure",
+     lambda m: f"{m['num_models']} models, mean accuracy {m['test_accuracy_mean']:.3f} ± {m['test_accuracy_std']:.3f}", []),
+    ("train_subsets", "margin_distributions.png", "Margins of a few test examples across subset models.", "datamodels paper, Section 2",
+     lambda m: f"the least certain target is test #{m['example_target']}", []),
+    ("train_subsets", "with_without.png", "Mean margin of one target over models with and without one training example.",
+     "datamodels paper, Section 2 (the effect a datamodel weight estimates)",
+     lambda m: f"{m['example_margin_with']:.2f} with vs {m['example_margin_without']:.2f} without", []),
+    ("eval_models", "test_accuracy.png", "Test accuracy of the held-out evaluation models (fresh masks).", "the LDS ground truth",
+     lambda m: f"{m['num_models']} models; seed agreement {m.get('seed_agreement', float('nan')):.3f}", []),
+    ("fit_datamodels", "predicted_vs_actual.png", "Datamodel predictions against actual margins on held-out models.",
+     "datamodels paper, Figure 3 (prediction quality)",
+     lambda m: f"pooled Spearman {m['spearman_mean']:.3f} (mean of seeds), {m['spearman_single']:.3f} (single models); "
+               f"per-target Pearson {m['per_target_pearson_mean']:.3f}", ["datamodels_spearman_mean", "datamodels_spearman_single"]),
+    ("fit_datamodels", "growth.png", "Datamodel quality against the number of training models.", "datamodels paper, sample-size study",
+     lambda m: "LDS " + " / ".join(f"{v['lds_mean']:.2f}" for v in m["growth"].values()) + " at " + " / ".join(m["growth"]) + " models", []),
+    ("fit_datamodels", "sparsity.png", "Non-zero weights per target.", "datamodels paper (sparse datamodels)",
+     lambda m: f"mean {m['mean_nonzero_weights']:.0f} non-zero weights", []),
+    ("fit_datamodels", "top_training_images.png", "Test images with their most positive and negative training examples.",
+     "datamodels paper, nearest-neighbour grids", lambda m: "", []),
+    ("fit_datamodels", "leakage_pairs.png", "Train-test pairs with the largest weights.", "datamodels paper, train-test leakage",
+     lambda m: f"top weight {m['top_pair_weight']:.2f}, pixel distance {m['top_pair_pixel_distance']:.3f} "
+               f"(median nearest same-class distance {m['median_pixel_distance_same_class']:.3f})", []),
+    ("fit_datamodels", "embedding_components.png", "Test images at the extremes of the first two principal components of datamodel weights.",
+     "datamodels paper, datamodel embeddings", lambda m: f"explained variance {m['pca_explained_variance'][0]:.3f}, {m['pca_explained_variance'][1]:.3f}", []),
+    ("counterfactuals", "counterfactual_predicted_vs_actual.png", "Predicted against actual margin change after removing k training examples.",
+     "datamodels paper, counterfactual removals",
+     lambda m: ", ".join(f"{k}: r = {v['pearson']:.2f}" for k, v in m["agreement"].items()), []),
+    ("counterfactuals", "brittleness.png", "Fraction of test predictions flipped by removing at most k examples, predicted and confirmed.",
+     "datamodels paper, data support / brittleness",
+     lambda m: f"at k = {list(m['brittleness']['fraction_flipped_predicted'])[-1]}: predicted "
+               f"{list(m['brittleness']['fraction_flipped_predicted'].values())[-1]:.3f}, confirmed "
+               f"{list(m['brittleness']['fraction_flipped_confirmed'].values())[-1]:.3f}", []),
+    ("attribution_comparison", "lds_vs_compute.png", "LDS of every method against charged compute.", "TRAK paper, Figure 1",
+     lambda m: f"TRAK best {_best(m, 'trak')['lds']:.3f}; datamodels best {_best(m, 'datamodels')['lds']:.3f}; "
+               f"TRAK from 1 model {_trak_at(m, 1):.3f}; influence functions {_best(m, 'influence_cg')['lds']:.3f}; "
+               f"TracIn {_best(m, 'tracin')['lds']:.3f}. {m['accounting']}",
+     ["trak_lds_1_model", "trak_lds_100_models", "datamodels_lds_best", "influence_lds", "tracin_lds"]),
+    ("attribution_comparison", "trak_ablation_k_M.png", "TRAK's LDS against models ensembled, per projection dimension.",
+     "TRAK paper, ablations over k and M", lambda m: f"best {_best(m, 'trak')['lds']:.3f} at k = {_best(m, 'trak')['proj_dim']}", []),
+    ("attribution_comparison", "trak_ablation_ridge.png", "TRAK's LDS against the ridge, on validation and evaluation models.",
+     "this repo's ridge (not in the paper)", lambda m: "", []),
+    ("attribution_comparison", "trak_soft_threshold.png", "TRAK with and without soft-thresholding chosen on validation models.",
+     "TRAK paper, Algorithm 1 (soft-thresholding)", lambda m: "", []),
+    ("attribution_comparison", "trak_top_images.png", "Test images with their top TRAK-attributed training examples.",
+     "TRAK paper, qualitative examples", lambda m: "", []),
+    ("modeldiff", "accuracy.png", "Mean test accuracy of every algorithm ModelDiff compares.", "ModelDiff paper, case-study setup",
+     lambda m: ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()), []),
+    ("modeldiff", "planted_variance.png", "Explained variance of each distinguishing direction under A and under B (planted patch).",
+     "ModelDiff paper, explained-variance plots",
+     lambda m: f"B minus A, direction 1: {m['planted']['variance_b'][0]:.4f} under B vs {m['planted']['variance_a'][0]:.4f} under A", []),
+    ("modeldiff", "planted_recovery_roc.png", "How well the direction's weights find the planted training images.", "a ground truth the paper does not have",
+     lambda m: "AUROC {auroc:.3f}, precision {precision_at_planted:.2f}".format(**m["planted"]["recovery_by_direction"][m["planted"]["best_direction"] - 1]), []),
+    ("modeldiff", "planted_top_training.png", "Training images with the largest weights in the leading direction (* planted).",
+     "ModelDiff paper, top training examples of a direction", lambda m: "", []),
+    ("modeldiff", "planted_top_targets.png", "Test images whose residual projects most strongly on the leading direction.",
+     "ModelDiff paper, top targets of a direction", lambda m: f"{m['planted'].get('top_targets_with_patch', float('nan')):.0%} carry the patch", []),
+    ("modeldiff", "planted_dose_response.png", "Change in the probability of the patch's class when the patch is stamped on test images of other classes.",
+     "ModelDiff paper, counterfactual verification (SGD-noise case study)",
+     lambda m: "B: " + " / ".join(f"{e['probability_change']['mean']:+.3f}" for e in m["planted"]["intervention"]["planted_b"])
+               + "; A: " + " / ".join(f"{e['probability_change']['mean']:+.3f}" for e in m["planted"]["intervention"]["planted_a"]),
+     ["modeldiff_patch_low_noise", "modeldiff_patch_high_noise"]),
+    ("modeldiff", "control_variance.png", "Negative control: the same algorithm with two seed streams.", "a control the paper does not report",
+     lambda m: f"largest variance ratio {m['control']['largest_variance_ratio']:.2f}", []),
+    ("modeldiff", "natural_variance.png", "Explained variance of the directions distinguishing weight decay from none.", "ModelDiff paper, explained-variance plots",
+     lambda m: f"most asymmetric: {m['natural']['inferred']['residual']}, contrasting classes {m['natural']['inferred']['contrasts_classes']}", []),
+    ("modeldiff", "natural_top_training.png", "Training images at the extremes of the leading directions (weight decay vs none).",
+     "ModelDiff paper, top training examples", lambda m: "", []),
+    ("modeldiff", "natural_top_targets.png", "Test images projecting most strongly on the leading directions.", "ModelDiff paper, top targets", lambda m: "", []),
+    ("modeldiff", "per_target_cosine.png", "Cosine of each target's attributions under the two algorithms.", "ModelDiff paper (how similar the algorithms are)",
+     lambda m: ", ".join(f"{k} median {v:.2f}" for k, v in m["per_target_cosine_median"].items()), []),
+    ("modeldiff", "natural_blend_response.png", "Own-class margin change when test images are blended toward the contrasted class or toward the rest.",
+     "ModelDiff paper, counterfactual verification",
+     lambda m: f"B/A {m['natural']['intervention']['b_over_a_contrasted']:.2f} toward the contrasted class, "
+               f"{m['natural']['intervention']['b_over_a_other']:.2f} toward the rest", []),
+]
+
+
+def load_published(path) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def load_metrics(reports_dir) -> dict[str, dict]:
+    """Every stage's metrics.json under ``reports_dir`` (stages that have not run are absent)."""
+    out = {}
+    for stage in NOTEBOOKS:
+        path = Path(reports_dir) / stage / "metrics.json"
+        if path.exists():
+            out[stage] = json.loads(path.read_text())
+    return out
+
+
+def figure_entries(reports_dir, published: dict) -> list[dict]:
+    """Per section, each figure that exists with its caption: what it shows, what it mirrors, the
+    number measured here beside the published one (with the difference of scale), and the stage
+    and notebook that made it."""
+    metrics = load_metrics(reports_dir)
+    entries = []
+    for section, stages in SECTIONS:
+        for stage, name, shows, mirrors, measured, keys in FIGURES:
+            path = Path(reports_dir) / stage / "figures" / name
+            if stage not in stages or stage not in metrics or not path.exists():
+                continue
+            pub = [f"{published['numbers'][k]['what']}: {published['numbers'][k]['value']} "
+                   f"({published['numbers'][k]['where']}; {published['sources'][published['numbers'][k]['source']]})" for k in keys]
+            entries.append({"section": section, "path": str(path), "shows": shows, "mirrors": mirrors,
+                            "measured": measured(metrics[stage]), "published": pub, "scale": SCALE if pub else "",
+                            "made_by": f"stage `{stage}`, notebook `notebooks/{NOTEBOOKS[stage]}.ipynb`"})
+    return entries
+
+
+def headline_metrics(reports_dir, params: dict) -> list[dict]:
+    """The summary table: every headline metric with its value and the params that produced it."""
+    m = load_metrics(reports_dir)
+    p, rows = params, []
+    profile = f"{p['data']['dataset']}, {p['model']['name']}"
+    if "fit_datamodels" in m:
+        f = m["fit_datamodels"]
+        rows += [{"metric": "datamodels LDS (mean of seeds / single model)", "value": f"{f['lds_mean']:.3f} / {f['lds_single']:.3f}",
+                  "params": f"{profile}; N = {f['num_models']} models, alpha = {p['train']['alpha']}"}]
+    if "eval_models" in m and "seed_agreement" in m["eval_models"]:
+        rows += [{"metric": "seed agreement (noise ceiling)", "value": f"{m['eval_models']['seed_agreement']:.3f}",
+                  "params": f"{p['evaluation']['num_masks']} masks x {p['evaluation']['repeats']} seeds"}]
+    if "attribution_comparison" in m:
+        a = m["attribution_comparison"]
+        best = _best(a, "trak")
+        rows += [{"metric": "TRAK LDS, best", "value": f"{best['lds']:.3f}", "params": f"k = {best['proj_dim']}, M = {best['models_used']}"},
+                 {"metric": "datamodels overtake TRAK's best from", "value": f"{a['datamodels_overtake_trak'].get('models', 'never')} models",
+                  "params": f"selection models charged: {a['selection_models']}"}]
+    if "modeldiff" in m:
+        d = m["modeldiff"]
+        r = d["planted"]["recovery_by_direction"][d["planted"]["best_direction"] - 1]
+        rows += [{"metric": "ModelDiff planted recovery (AUROC / precision)", "value": f"{r['auroc']:.3f} / {r['precision_at_planted']:.2f}",
+                  "params": f"{p['modeldiff']['num_models']} models per algorithm, {d['attribution']}"},
+                 {"metric": "ModelDiff control, largest variance ratio", "value": f"{d['control']['largest_variance_ratio']:.2f}", "params": ""}]
+    return rows
+
+
+def run_stamp(root) -> dict:
+    """The date and the git commit of the run (``unknown`` outside a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"date": datetime.date.today().isoformat(), "commit": commit}
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+img {{ max-width: 100%; }} table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; }}
+pre {{ white-space: pre-wrap; }} .jp-InputPrompt, .jp-OutputPrompt {{ display: none; }}
+</style></head>
+<body>
+{body}
+<script>
+/* marks, for the browser test, how many images decoded: all of them are data: URIs, nothing is fetched */
+window.addEventListener("load", () => {{
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
+
+
+def render_html(notebook_path, html_path, title: str = "datalens report") -> Path:
+    """The executed report notebook as one self-contained HTML page: code hidden, images embedded as
+    data URIs, no script or stylesheet from any network host (nbconvert's full templates load
+    require.js and MathJax from a CDN, so the body comes from its ``basic`` template)."""
+    nb = nbformat.read(str(notebook_path), as_version=4)
+    exporter = HTMLExporter(template_name="basic", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True, embed_images=True, exclude_anchor_links=True)
+    body, _ = exporter.from_notebook_node(nb)
+    remote = re.findall(r'(?:src|href)="(https?:[^"]+)"', body)
+    if remote:
+        raise ValueError(f"the report would load {remote[:3]} from the network")
+    html_path = Path(html_path)
+    html_path.write_text(PAGE.format(title=title, body=body))
+    return html_path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m datalens.report_page EXECUTED_NOTEBOOK OUTPUT_HTML")
+    print(f"report written to {render_html(sys.argv[1], sys.argv[2])}")
