@@ -27,8 +27,9 @@ repro: $(STAMP)
 test: $(STAMP)
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest
 
+# LAB_ARGS passes options through, e.g. LAB_ARGS="--no-browser --port=8899"
 lab: $(STAMP)
-	PATH=$(BIN):$$PATH $(BIN)/jupyter lab notebooks/
+	PATH=$(BIN):$$PATH $(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'

@@ -1,5 +1,5 @@
 """Each stage notebook runs end to end through papermill at a tiny size, through the
-same params path `dvc repro` uses, with every store given as a ``file://`` URL (fsspec);
+same params path `dvc repro` uses, from the notebooks/ folder as JupyterLab runs them (no path edited), with every store given as a ``file://`` URL (fsspec);
 committed notebooks carry no outputs."""
 import json
 import subprocess
@@ -43,7 +43,7 @@ def _run(root, tmp_path, name, overrides, extra=None):
     out = tmp_path / stage
     pm.execute_notebook(
         str(root / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
-        parameters={"overrides": overrides, "out_dir": str(out), **(extra or {})}, cwd=str(root), progress_bar=False,
+        parameters={"overrides": overrides, "out_dir": str(out), **(extra or {})}, cwd=str(root / "notebooks"), progress_bar=False,
         kernel_name="python3",
     )
     metrics = json.loads((out / "metrics.json").read_text())
