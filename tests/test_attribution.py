@@ -121,3 +121,7 @@ def test_ekfac_with_large_damping_is_grad_dot_over_the_damping():
     gd = grad_dot(model, x[:30], y[:30], x[30:], y[30:]).ravel()
     assert abs(np.corrcoef(scores[1e-3].ravel(), gd)[0, 1]) < 0.99
     assert all(p.dtype == torch.float32 for p in model.parameters()) and not hasattr(model[1], "original_module")
+    # the Fisher's sampled labels are seeded: the same seed gives the same scores, another seed others
+    again = ekfac_influence(model, x[:30], y[:30], x[30:], y[30:], [1e-3])[1e-3]
+    np.testing.assert_array_equal(again, scores[1e-3])
+    assert not np.array_equal(ekfac_influence(model, x[:30], y[:30], x[30:], y[30:], [1e-3], seed=1)[1e-3], again)

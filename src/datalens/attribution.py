@@ -174,13 +174,14 @@ def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
 
 
 def ekfac_influence(model: nn.Module, x_train, y_train, x_targets, y_targets, dampings: Sequence[float],
-                    batch_size: int = 512) -> dict[float, np.ndarray]:
+                    batch_size: int = 512, seed: int = 0) -> dict[float, np.ndarray]:
     """Influence functions with an EK-FAC Hessian (George et al., 2018; Grosse et al., 2023), by
     kronfluence: tau[i, x] = grad f_x^T (G + damping I)^{-1} (-grad L_i), G the EK-FAC
     approximation of the Gauss-Newton Hessian of the mean training loss over
     ``(x_train, y_train)``, fitted once. Returns {damping: (n_train, t)} (same sign convention
-    as :func:`influence_explicit`). kronfluence is an optional dependency (``make venv``
-    installs it); the caller's model is left as it is.
+    as :func:`influence_explicit`). The Fisher's sampled labels come from ``seed``, so the scores
+    are reproducible. kronfluence is an optional dependency (``make venv`` installs it); the
+    caller's model is left as it is.
     """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -204,8 +205,9 @@ def ekfac_influence(model: nn.Module, x_train, y_train, x_targets, y_targets, da
     train = TensorDataset(x_train.float().cpu(), y_train.cpu())
     query = TensorDataset(x_targets.float().cpu(), y_targets.cpu())
     out = {}
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # kronfluence's torch.cuda.amp calls, on every run
+        torch.manual_seed(seed)  # the labels drawn for the true Fisher
         analyzer = Analyzer("datalens", tracked, task, cpu=True, disable_tqdm=True, output_dir=tmp)
         analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size,
                                  factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)

@@ -149,7 +149,7 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     sums, own = {d: 0.0 for d in ekfac_dampings}, 0.0
     for m in range(n_max):
         t0 = time.perf_counter()
-        for d, s in attribution.ekfac_influence(models[m], x_tr, y_tr, x_te, y_te, ekfac_dampings).items():
+        for d, s in attribution.ekfac_influence(models[m], x_tr, y_tr, x_te, y_te, ekfac_dampings, seed=run.seed + m).items():
             sums[d] = sums[d] + s
         own += load[m] + time.perf_counter() - t0
         if m + 1 in ensemble_sizes:
