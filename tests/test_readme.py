@@ -1,0 +1,82 @@
+"""Every number in the README's results section comes from a metrics file the pipeline wrote:
+this test rebuilds each claim from `reports/*/metrics.json` and fails when the README disagrees
+(rerun the pipeline, then update the README from the metrics)."""
+import json
+import re
+
+import pytest
+
+
+def _metrics(root) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in (root / "reports").glob("*/metrics.json")}
+
+
+def _trak(a, k):
+    return {r["models_used"]: r for r in a["records"] if r["method"] == "trak" and r["proj_dim"] == k}
+
+
+def _one(a, method, models_used=1):
+    return next(r for r in a["records"] if r["method"] == method and r["models_used"] == models_used)
+
+
+def claims(m: dict) -> list[str]:
+    t, e, f, c, a, d = (m[s] for s in ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals",
+                                       "attribution_comparison", "modeldiff"))
+    ag, br = c["agreement"], c["brittleness"]
+    k_last = list(br["fraction_flipped_predicted"])[-1]
+    t512, t2048 = _trak(a, 512), _trak(a, 2048)
+    over = a["datamodels_overtake_trak"]
+    pl = d["planted"]
+    rec = pl["recovery_by_direction"][pl["best_direction"] - 1]
+    va, vb = pl["variance_a"][pl["best_direction"] - 1], pl["variance_b"][pl["best_direction"] - 1]
+    effects = pl["intervention"]["planted_b"]
+    nat = d["natural"]
+    return [
+        f"mean test accuracy {t['test_accuracy_mean']:.3f} (± {t['test_accuracy_std']:.3f})",
+        f"agree at r = {e['seed_agreement']:.3f}", f"√r = {e['single_model_ceiling']:.3f}",
+        f"LDS {f['lds_mean']:.3f} (mean over seeds) and {f['lds_single']:.3f} (single model)",
+        f"mean per-target Pearson {f['per_target_pearson_mean']:.3f} / {f['per_target_pearson_single']:.3f}",
+        f"{f['pearson_mean']:.3f} / {f['pearson_single']:.3f}, is mostly differences between targets",
+        " / ".join(f"{v['lds_mean']:.2f}" for v in f["growth"].values()) + " at " + " / ".join(f["growth"]),
+        f"r = {ag['top_positive']['pearson']:.3f} for top-positive removals, {ag['top_negative']['pearson']:.3f} for "
+        f"top-negative and {ag['random']['pearson']:.3f} for random ones (Spearman {ag['random']['spearman']:.2f}",
+        f"{ag['pooled']['pearson']:.3f} pooled",
+        f"removing at most {k_last} examples is *predicted* to flip {100 * br['fraction_flipped_predicted'][k_last]:.1f}%",
+        f"confirms {round(br['confirmed_flip_rate'] * br['confirmed_sample_size'])} of {br['confirmed_sample_size']} sampled",
+        f"about {100 * br['fraction_flipped_confirmed'][k_last]:.1f}%",
+        "LDS " + " / ".join(f"{r['lds']:.2f}" for r in t2048.values()) + " at M = " + " / ".join(map(str, t2048)) + " for k = 2048",
+        " / ".join(f"{r['lds']:.2f}" for r in t512.values()) + " for k = 512",
+        f"EK-FAC influence {_one(a, 'ekfac_influence')['lds']:.2f} ({_one(a, 'ekfac_influence', 10)['lds']:.2f} averaged over 10 models)",
+        f"CG over all parameters {_one(a, 'influence_cg')['lds']:.2f}, explicit Hessian over the last layer {_one(a, 'influence_explicit')['lds']:.2f}",
+        f"grad-dot {_one(a, 'grad_dot')['lds']:.2f} ({_one(a, 'grad_dot', 10)['lds']:.2f} over 10 models)",
+        f"grad-cosine {_one(a, 'grad_cosine')['lds']:.2f}", f"TracIn {_one(a, 'tracin')['lds']:.2f}",
+        f"representation similarity {_one(a, 'representation_similarity')['lds']:.2f}",
+        f"empirical influence from 3000 subset models {_one(a, 'empirical_influence', 3000)['lds']:.2f}",
+        f"the {a['selection_models']} validation models", f"{1000 * a['seconds_per_model']:.1f} ms per model",
+        f"{t512[10]['lds']:.2f} in {t512[10]['seconds']:.1f} s and {t512[25]['lds']:.2f} in {t512[25]['seconds']:.1f} s",
+        f"any budget ({max(r['lds'] for r in a['records'] if r['method'] == 'trak'):.3f}) from **{over['models']} models**, "
+        f"with {over['lds']:.3f} at {over['seconds']:.1f} s; TRAK's best costs {t512[50]['seconds']:.1f} s at k = 512 "
+        f"({t2048[50]['seconds']:.1f} s at k = 2048)",
+        f"explains {100 * vb:.1f}% of B's attribution variance and {100 * va:.2f}% of A's (ratio {vb / va:.1f})",
+        f"AUROC {rec['auroc']:.2f} (precision {rec['precision_at_planted']:.1f} at {pl['count']})",
+        f"{100 * pl['top_targets_with_patch']:.0f}% of its top {pl['test_count']} targets",
+        " / ".join(f"{x['probability_change']['mean']:.3f}" for x in effects),
+        " / ".join(f"[{x['probability_change']['low']:.3f}, {x['probability_change']['high']:.3f}]" for x in effects),
+        "{mean:.2f} [{low:.2f}, {high:.2f}] at full strength".format(**effects[-1]["margin_change"]),
+        f"largest variance ratio is {d['control']['largest_variance_ratio']:.2f}",
+        f"(ratio {1 / nat['inferred']['variance_ratio']:.2f}, barely above the control)",
+        "contrasts training {}s with {}s".format(*nat["inferred"]["contrasts_classes"]),
+        f"{nat['intervention']['b_over_a_contrasted']:.2f} times as much", f"against {nat['intervention']['b_over_a_other']:.2f} times",
+    ]
+
+
+def test_readme_results_agree_with_the_metrics_files(root):
+    m = _metrics(root)
+    missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff"} - set(m)
+    if missing:
+        pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/metrics.json")
+    text = (root / "README.md").read_text()
+    section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
+    flat = re.sub(r"\s+", " ", section)
+    stale = [c for c in claims(m) if re.sub(r"\s+", " ", c) not in flat]
+    assert not stale, "README results disagree with reports/*/metrics.json; expected to find:\n" + "\n".join(stale)
