@@ -1,6 +1,8 @@
 """Every number in the README's results section comes from a metrics file the pipeline wrote:
 this test rebuilds each claim from `reports/*/metrics.json` and fails when the README disagrees
-(rerun the pipeline, then update the README from the metrics)."""
+(rerun the pipeline, then update the README from the metrics). Wall-clock seconds are left out:
+they differ on every machine and run, so a local `make repro` must not make this test fail; every
+other number here is deterministic (a fresh clone reproduces them exactly)."""
 import json
 import re
 
@@ -52,11 +54,10 @@ def claims(m: dict) -> list[str]:
         f"grad-cosine {_one(a, 'grad_cosine')['lds']:.2f}", f"TracIn {_one(a, 'tracin')['lds']:.2f}",
         f"representation similarity {_one(a, 'representation_similarity')['lds']:.2f}",
         f"empirical influence from 3000 subset models {_one(a, 'empirical_influence', 3000)['lds']:.2f}",
-        f"the {a['selection_models']} validation models", f"{1000 * a['seconds_per_model']:.1f} ms per model",
-        f"{t512[10]['lds']:.2f} in {t512[10]['seconds']:.1f} s and {t512[25]['lds']:.2f} in {t512[25]['seconds']:.1f} s",
+        f"the {a['selection_models']} validation models",
+        f"TRAK leads at small budgets: {t512[10]['lds']:.2f} in", f"and {t512[25]['lds']:.2f} in",
         f"any budget ({max(r['lds'] for r in a['records'] if r['method'] == 'trak'):.3f}) from **{over['models']} models**, "
-        f"with {over['lds']:.3f} at {over['seconds']:.1f} s; TRAK's best costs {t512[50]['seconds']:.1f} s at k = 512 "
-        f"({t2048[50]['seconds']:.1f} s at k = 2048)",
+        f"with {over['lds']:.3f} at",
         f"explains {100 * vb:.1f}% of B's attribution variance and {100 * va:.2f}% of A's (ratio {vb / va:.1f})",
         f"AUROC {rec['auroc']:.2f} (precision {rec['precision_at_planted']:.1f} at {pl['count']})",
         f"{100 * pl['top_targets_with_patch']:.0f}% of its top {pl['test_count']} targets",
