@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test lab bench venv clean-venv
+.PHONY: repro test lab bench venv clean-venv browser
 
 NO_DEPS := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['datalens']['install-without-deps']))")
 
@@ -24,7 +24,13 @@ repro: $(STAMP)
 	@$(BIN)/python -m datalens.config params.yaml
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
 
-test: $(STAMP)
+# The report is tested in a real browser: Debian's chromium, headless, installed here when missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "could not install chromium (Debian's apt-get as root): the report's browser test will fail"
+
+test: $(STAMP) browser
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest
 
 # LAB_ARGS passes options through, e.g. LAB_ARGS="--no-browser --port=8899"

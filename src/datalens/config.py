@@ -114,7 +114,7 @@ def _fields(**checks: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
     return check
 
 
-_REGION = {"size": None, "row": None, "col": None}  # filled below, once _int exists
+_REGION = {"size": _int(1), "row": _int(0), "col": _int(0)}
 
 
 def _overrides(key: str, v: Any) -> None:
@@ -156,8 +156,6 @@ _TRAIN = {
     "augment": _bool,
     "precision": _choice("float32", "bfloat16"),
 }
-
-_REGION.update(size=_int(1), row=_int(0), col=_int(0))
 
 MIN_RANKED = 5  # models in a validation or evaluation set: fewer cannot rank hyperparameters by Spearman
 

@@ -178,12 +178,14 @@ def intervention_effect(run: SubsetRun, store: SubsetStore, models: int, inputs:
     device = resolve_device(run.device)
     target = torch.as_tensor(labels if watch is None else np.full(len(labels), watch), device=device)
 
+    nets = [run.load_checkpoint(store, m, device) for m in range(models)]  # once, for every intensity
+
     def outputs(x):
         if run.blank:
             x = stamp(x, run.blank["size"], run.blank["row"], run.blank["col"], 0.0)
         xt = torch.as_tensor(x, device=device)
         with torch.no_grad():
-            logits = torch.stack([run.load_checkpoint(store, m, device)(xt) for m in range(models)])
+            logits = torch.stack([net(xt) for net in nets])
         prob = torch.softmax(logits, -1).gather(-1, target.expand(models, -1).unsqueeze(-1)).squeeze(-1)
         return prob.double().cpu().numpy(), margins_from_logits(logits, target).double().cpu().numpy()
 

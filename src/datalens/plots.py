@@ -13,10 +13,13 @@ import seaborn as sns  # noqa: E402
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, caption: str = "") -> Path:
+    """Lay out, add ``caption`` under the axes when given, write and close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1) if caption else None)
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, wrap=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -118,13 +121,7 @@ def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = 
     axes[0].set_ylabel("LDS (held-out models)")
     axes[1].legend(fontsize=8, loc="best")
     fig.suptitle("Linear datamodeling score vs compute")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    if caption:
-        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, wrap=True)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(path), dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, caption)
 
 
 def variance_scatter(directions: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, label_a: str = "A",
