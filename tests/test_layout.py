@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "datalens"
 # lower layers first: a module may import only modules of its own or a lower layer
 LAYERS = [
-    {"data", "models", "execution", "sampling"},
+    {"data", "models", "execution", "sampling", "progress"},
     {"config", "engine", "outputs", "store"},
     {"runs", "projection"},
     {"datamodels", "trak", "attribution"},
     {"evaluation", "counterfactuals"},
-    {"comparison", "modeldiff"},
+    {"comparison", "modeldiff", "unlearning"},
     {"plots"},
     {"reports"},
     {"report_page"},
@@ -78,8 +78,11 @@ def test_every_stage_depends_on_all_the_code_its_notebook_runs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         notebooks = [d for d in stage["deps"] if d.endswith(".ipynb")]
-        assert notebooks, name
-        needed = closure(set().union(*(_notebook_imports(ROOT / nb) for nb in notebooks)))
+        if name == "check_params":  # runs datalens.config itself, before any notebook
+            needed = closure({"config"})
+        else:
+            assert notebooks, name
+            needed = closure(set().union(*(_notebook_imports(ROOT / nb) for nb in notebooks)))
         declared = {Path(d).stem for d in stage["deps"] if d.startswith("src/datalens/")}
         assert needed <= declared, f"stage {name} runs {sorted(needed - declared)} but does not depend on them"
         assert declared <= needed, f"stage {name} depends on {sorted(declared - needed)}, which it never runs"

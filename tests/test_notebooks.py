@@ -29,6 +29,13 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
 }
 TINY["06_modeldiff"] = {**TINY["06_modeldiff_train"], "modeldiff.num_components": 2, "modeldiff.blend_intensities": [0.2],
                         "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
+TINY["07_unlearning"] = {
+    **COMMON, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20,
+    "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
+                               {"name": "sel_r", "kind": "random", "size": 4, "select": True},
+                               {"name": "sel_pc2", "kind": "component", "component": 2, "size": 4, "select": True}],
+    "unlearning.lrs": {"gd": [0.01], "ga": [0.01], "ascent_descent": [0.01], "scrub": [0.01], "om": [0.003, 0.01], "dmm": [0.003, 0.01]},
+    "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
 
 
 def _run(root, tmp_path, name, overrides, extra=None):
@@ -36,10 +43,12 @@ def _run(root, tmp_path, name, overrides, extra=None):
     stage = name.split("_", 1)[1]
     declared = declared_params(stage, root)
     stores = {"train.store": f"file://{tmp_path}/train.zarr", "evaluation.store": f"file://{tmp_path}/eval.zarr",
-              "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff"}
+              "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff",
+              "unlearning.store_dir": f"file://{tmp_path}/unlearning"}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
-    if "modeldiff" in declared:  # its store folder holds several stores
-        overrides["modeldiff.store_dir"] = f"file://{tmp_path}/modeldiff"
+    for section in ("modeldiff", "unlearning"):  # a store folder that holds several stores
+        if section in declared:
+            overrides[f"{section}.store_dir"] = stores[f"{section}.store_dir"]
     out = tmp_path / stage
     pm.execute_notebook(
         str(root / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
@@ -85,6 +94,15 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     effect_a = m7["planted"]["intervention"]["planted_a"]
     assert [e["intensity"] for e in effect_a] == [0.25, 0.5, 1.0]
     assert all(abs(e["probability_change"]["mean"]) < 1e-6 for e in effect_a)  # A's preprocessing blanks the patch
+    m8 = _run(root, tmp_path, "07_unlearning", TINY["07_unlearning"])
+    assert set(m8["verdict"]) == {"r4", "pc1"} and set(m8["select_sets"]) == {"sel_r", "sel_pc2"}  # select sets are not reported
+    assert set(m8["selection"]) == {"random", "component"}
+    rows = {r["method"].split(" ")[0] for r in m8["table"]}
+    assert rows == {"floor", "do_nothing", "gd", "ga", "ascent_descent", "scrub", "om", "dmm", "dm_direct"}
+    for r in m8["table"]:
+        assert 0 <= r["forget_p95"] <= 12 and r["finetune_epochs"] >= 0  # KLoM is at most about ln(1e5)
+    assert all(r["finetune_epochs"] > 0 for r in m8["table"] if r["method"] in ("gd", "om", "dmm"))
+    assert (tmp_path / "unlearning" / "oracles_pc1.zarr").exists() and (tmp_path / "unlearning" / "base.zarr").exists()
 
     # the report gathers every figure the stages drew, and opens offline in a browser with all of them
     report = {"evaluation.num_masks": 12, "evaluation.repeats": 2, "modeldiff.num_models": 40}
@@ -92,6 +110,9 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
                         parameters={"overrides": report, "out_dir": str(tmp_path / "report"), "reports_dir": str(tmp_path)},
                         cwd=str(root), progress_bar=False, kernel_name="python3")
     html = render_html(tmp_path / "08_report.ipynb", tmp_path / "index.html")
+    headline = json.loads((tmp_path / "report" / "headline.json").read_text())
+    assert headline["unlearning_forget_klom_om"] == round(sum(r["forget_p95"] for r in m8["table"] if r["method"] == "om") / 2, 4)
+    assert {"datamodels_lds", "trak_lds_best", "modeldiff_planted_auroc", "unlearning_forget_klom_dmm"} <= set(headline)
     declared = [f.split("/", 1)[1] for f in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]]  # reports/<stage>/figures/x.png
     assert all((tmp_path / f).exists() for f in declared)
     page = open_offline(html, tmp_path / "report.png")

@@ -1,6 +1,7 @@
 """The paper-scale profile (profiles/cifar10.yaml) runs end to end, through the same notebooks
 and params path, on tiny CIFAR-format data: ResNet-9 subset models, then ModelDiff's two SGD
-noise levels and the planted patch. Only sizes are overridden, never the recipe."""
+noise levels and the planted patch, and unlearning (ResNet-9 base models, oracles, every method).
+Only sizes are overridden, never the recipe."""
 import json
 import shutil
 
@@ -25,7 +26,13 @@ def test_the_cifar_profile_runs_end_to_end_on_tiny_cifar_data(root, tmp_path):
     labels = _tiny_cifar_tarball(tmp_path / "data" / "cifar-10-python.tar.gz", per_batch=20)
     assert sum(y.count(0) for name, (_, y) in labels.items() if name != "test_batch") >= 3
     common = {**TINY, "data.root": str(tmp_path / "data")}
-    runs = [("01_train_subsets", common), ("06_modeldiff_train", {**common, **MODELDIFF}),
+    unlearn = {"unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5], "unlearning.lasso_targets": 10,
+               "unlearning.forget_sets": [{"name": "r", "kind": "random", "size": 3}, {"name": "pc", "kind": "component", "component": 1, "size": 3},
+                                          {"name": "s", "kind": "random", "size": 3, "select": True},
+                                          {"name": "spc", "kind": "component", "component": 2, "size": 3, "select": True}],
+               "datamodels.num_lambdas": 5, "datamodels.max_iter": 20}
+    no_count = {k: v for k, v in common.items() if k not in ("train.num_models", "train.num_checkpoints")}  # not its params
+    runs = [("01_train_subsets", common), ("07_unlearning", {**no_count, **unlearn}), ("06_modeldiff_train", {**common, **MODELDIFF}),
             ("06_modeldiff", {**common, **MODELDIFF, "modeldiff.num_components": 2, "datamodels.num_lambdas": 5,
                               "datamodels.max_iter": 20})]
     for name, overrides in runs:
@@ -39,3 +46,5 @@ def test_the_cifar_profile_runs_end_to_end_on_tiny_cifar_data(root, tmp_path):
     assert set(result["accuracy"]) == {"planted_a", "planted_b", "natural_a", "natural_b", "control"}
     assert len(result["planted"]["intervention"]["planted_b"]) == 3  # one record per patch intensity
     assert (tmp_path / "stores" / "modeldiff" / "planted_b.zarr").exists()  # stores land beside the params file
+    unlearned = json.loads((tmp_path / "07_unlearning" / "metrics.json").read_text())
+    assert set(unlearned["verdict"]) == {"r", "pc"} and unlearned["num_models"] == 5  # ResNet-9s unlearned as one stack

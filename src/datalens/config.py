@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from datalens.data import DATASETS, TEST_SIZES
+from datalens.data import DATASETS, TEST_SIZES, TRAIN_SIZES
 from datalens.models import MODELS
 
 
@@ -142,6 +142,47 @@ def _bool(key: str, v: Any) -> None:
         raise ParamError(f"{key}={v!r} is not allowed; it must be true or false")
 
 
+UNLEARNING_METHODS = ("gd", "ga", "ascent_descent", "scrub", "om", "dmm")  # the fine-tuned ones (datalens.unlearning)
+
+
+def _forget_sets(key: str, v: Any) -> None:
+    """A list of forget sets: ``{name, kind: random, size}`` or ``{name, kind: component,
+    component, size}``, each optionally ``select: true``; names unique; at least one set to
+    report and one to select on."""
+    if not isinstance(v, list) or not v:
+        raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty list of forget sets")
+    for i, spec in enumerate(v):
+        where = f"{key}[{i}]"
+        if not isinstance(spec, dict):
+            raise ParamError(f"{where}={spec!r} is not allowed; it must be a mapping")
+        kind = spec.get("kind")
+        _choice("random", "component")(f"{where}.kind", kind)
+        fields = {"name": _str, "kind": _str, "size": _int(1), "select": _bool}
+        if kind == "component":
+            fields["component"] = _int(1)
+        extra, missing = set(spec) - set(fields), set(fields) - set(spec) - {"select"}
+        if extra or missing:
+            raise ParamError(f"{where}={spec!r} is not allowed; a {kind} forget set has the fields "
+                             f"{', '.join(fields)} (select optional)")
+        for name, check in fields.items():
+            if name in spec:
+                check(f"{where}.{name}", spec[name])
+    names = [s["name"] for s in v]
+    if len(set(names)) != len(names):
+        raise ParamError(f"{key}: forget set names must be unique, got {names}")
+    roles = {bool(s.get("select", False)) for s in v}
+    if roles != {True, False}:
+        raise ParamError(f"{key} needs at least one set to report and one with select: true (for choosing hyperparameters)")
+
+
+def _lrs(key: str, v: Any) -> None:
+    """Learning rates to sweep for each fine-tuned unlearning method."""
+    if not isinstance(v, dict) or set(v) != set(UNLEARNING_METHODS):
+        raise ParamError(f"{key}={v!r} is not allowed; it must map each of {', '.join(UNLEARNING_METHODS)} to a list of learning rates")
+    for method, grid in v.items():
+        _float_list(0.0)(f"{key}.{method}", grid)
+
+
 _TRAIN = {
     "alpha": _float(0.0, 1.0, lo_open=True),
     "epochs": _int(1),
@@ -172,6 +213,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "train.block_size": _int(1),
     "train.stack_size": _int(1),
     "train.num_checkpoints": _int(0),
+    "train.record_logits": _bool,
     "train.store": _str,
     "execution.backend": _choice("local", "ray"),
     "execution.address": _str,
@@ -218,6 +260,23 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "modeldiff.trak_proj_dim": _int(1),
     "modeldiff.trak_ridge": _float(0.0, None, lo_open=True),
     "modeldiff.store_dir": _str,
+    "unlearning.num_models": _int(MIN_RANKED),
+    "unlearning.forget_sets": _forget_sets,
+    "unlearning.budgets": _float_list(0.0),
+    "unlearning.lrs": _lrs,
+    "unlearning.batch_size": _int(1),
+    "unlearning.momentum": _float(0.0, 1.0, hi_open=True),
+    "unlearning.lr_decay": _float(0.0, 1.0, lo_open=True),
+    "unlearning.retain_ratio": _float(0.0),
+    "unlearning.temperature": _float(0.0, None, lo_open=True),
+    "unlearning.om_oracles": _int(1),
+    "unlearning.ridge_grid": _float_list(0.0),
+    "unlearning.val_fraction": _float(0.0, 0.5, lo_open=True),
+    "unlearning.lasso_targets": _int(0),
+    "unlearning.klom": _fields(bins=_int(2), clip=_float(0.0, None, lo_open=True), floor=_float(0.0, 1.0, lo_open=True, hi_open=True),
+                               direction=_choice("unlearned_oracle", "oracle_unlearned")),
+    "unlearning.seed": _int(0),
+    "unlearning.store_dir": _str,
 }
 
 
@@ -260,6 +319,10 @@ def check_consistency(flat: dict[str, Any]) -> None:
          "modeldiff.num_checkpoints must be <= train.num_checkpoints (the base run's checkpoints are reused)")
     rule(("modeldiff.trak_models", "modeldiff.num_checkpoints"), lambda t, k: t <= k,
          "modeldiff.trak_models must be <= modeldiff.num_checkpoints")
+    rule(("unlearning.om_oracles", "unlearning.num_models"), lambda o, n: o <= n,
+         "unlearning.om_oracles must be <= unlearning.num_models (OM averages that many of the independent oracles)")
+    rule(("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < TRAIN_SIZES[d] for s in sets),
+         "every forget set must be smaller than the training set")
 
 
 def check_environment(flat: dict[str, Any]) -> None:
@@ -339,7 +402,15 @@ def check_params_file(path: str | Path = "params.yaml") -> None:
 if __name__ == "__main__":
     import sys
 
+    args = sys.argv[1:]
+    stamp = None
+    if "--stamp" in args:  # the first stage of dvc.yaml: a constant file, so passing never reruns a stage
+        stamp = args.pop(args.index("--stamp") + 1)
+        args.remove("--stamp")
     try:
-        check_params_file(sys.argv[1] if len(sys.argv) > 1 else "params.yaml")
+        check_params_file(args[0] if args else "params.yaml")
     except ParamError as exc:
         sys.exit(f"params: {exc}")
+    if stamp:
+        Path(stamp).parent.mkdir(parents=True, exist_ok=True)
+        Path(stamp).write_text("params.yaml passed every check of datalens.config\n")

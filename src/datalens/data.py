@@ -136,6 +136,7 @@ DATASETS = {
 
 
 TEST_SIZES = {"digits": 450, "cifar10": 10000, "cifar2": 2000}
+TRAIN_SIZES = {"digits": 1347, "cifar10": 50000, "cifar2": 10000}
 
 
 def _image_view(x: np.ndarray) -> np.ndarray:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from datalens.progress import progress_bar
 
 
 @dataclass
@@ -200,7 +201,7 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
     active = np.ones(T, dtype=bool)
     w_best = torch.zeros_like(w)
     unconverged = 0
-    for k in tqdm(range(num_lambdas), desc="lasso path", disable=not progress):
+    for k in progress_bar(range(num_lambdas), desc="lasso path", disable=not progress):
         cols = np.flatnonzero(active)
         if len(cols) == 0:
             break
@@ -265,3 +266,76 @@ def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0
     train = Moments.from_blocks(store_blocks(store, done[tr], target))
     val = Moments.from_blocks(store_blocks(store, done[va], target))
     return fit_datamodels(train, val, **kwargs)
+
+
+# -- ridge datamodels: many targets at once ------------------------------------------------
+# Unlearning needs a datamodel per class logit of every train and test example (n_train x
+# (n_train + n_test) x C weights). Ridge has a closed form that serves them all from one
+# factorisation of the masks' Gram matrix; the lasso path above is kept for the margins.
+
+
+def _standardise_masks(masks: np.ndarray, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Z = (X - mu) / sigma (N, n) float64, with mu, sigma (n,) (sigma 1 where an example never varies)."""
+    x = torch.as_tensor(np.asarray(masks, dtype=np.float64), device=device)
+    mu = x.mean(0)
+    sigma = x.std(0, unbiased=False)
+    sigma[sigma < 1e-12] = 1.0
+    return (x - mu) / sigma, mu, sigma
+
+
+def ridge_datamodels(masks: np.ndarray, outputs: np.ndarray, ridge: float, device: str = "cpu") -> Datamodels:
+    """Ridge datamodels of every column of ``outputs`` (N, T) on ``masks`` (N, n), in one solve.
+
+    Standardised like the lasso: minimise ||y - ybar - Z w||^2 / N + ridge ||w||^2, so ``ridge``
+    is relative to a unit-variance feature. Returns :class:`Datamodels` (``lam`` = ridge)."""
+    z, mu, sigma = _standardise_masks(masks, device)
+    y = torch.as_tensor(np.asarray(outputs, dtype=np.float64), device=device)
+    ybar = y.mean(0)
+    gram = z.T @ z / len(z)
+    w_std = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=device), z.T @ (y - ybar) / len(z))
+    weight = (w_std / sigma[:, None]).cpu().numpy()
+    mu_np, ybar_np = mu.cpu().numpy(), ybar.cpu().numpy()
+    return Datamodels(weight=weight, bias=ybar_np - mu_np @ weight, lam=np.full(y.shape[1], ridge), weight_std=w_std.cpu().numpy(),
+                      mu=mu_np, sigma=sigma.cpu().numpy(), ybar=ybar_np)
+
+
+def select_ridge(masks: np.ndarray, outputs: np.ndarray, ridges: Sequence[float], val_fraction: float, seed: int,
+                 device: str = "cpu") -> tuple[float, np.ndarray]:
+    """The ridge in ``ridges`` with the lowest mean squared error on held-out models
+    (a seeded ``val_fraction`` of the rows), pooled over the columns of ``outputs`` (N, T).
+    Returns (ridge, validation MSE per ridge)."""
+    tr, va = split_models(len(masks), val_fraction, seed)
+    mse = np.array([np.mean((ridge_datamodels(masks[tr], outputs[tr], r, device).predict(masks[va]) - outputs[va]) ** 2)
+                    for r in ridges])
+    return float(ridges[int(np.argmin(mse))]), mse
+
+
+def ridge_set_contributions(masks, outputs, sets: np.ndarray, ridge: float, device: str = "cpu", block: int = 1000) -> np.ndarray:
+    """sum_{i in F} w_i for each set F: the attributed contribution of F to every column of
+    ``outputs`` (N, T), without forming the (n, T) weights.
+
+    masks (N, n) and outputs (N, T) may be any arrays that slice by rows (numpy, zarr, or a
+    reader of a store): both are read ``block`` models at a time, so only the (n, n) Gram
+    matrix is ever held whole. sets: (S, n) 0/1 indicators. With w = (G + ridge I)^-1 Z^T (y -
+    ybar) / N in raw units (w / sigma), sum_{i in F} w_i = v_F^T y / N with v_F = Z (G + ridge
+    I)^-1 (1_F / sigma) (the centring of y drops out: the columns of Z sum to zero). Returns
+    (S, T), equal to ``sets @ ridge_datamodels(...).weight`` (a test checks it)."""
+    num = masks.shape[0]
+    rows = [slice(a, min(a + block, num)) for a in range(0, num, block)]
+    sx = sxx = None
+    for r in rows:
+        x = torch.as_tensor(np.asarray(masks[r], dtype=np.float64), device=device)
+        sx = x.sum(0) if sx is None else sx + x.sum(0)
+        sxx = x.T @ x if sxx is None else sxx + x.T @ x
+    mu = sx / num
+    sigma = torch.sqrt(torch.clamp(torch.diagonal(sxx) / num - mu * mu, min=0.0))
+    sigma[sigma < 1e-12] = 1.0
+    gram = (sxx / num - torch.outer(mu, mu)) / torch.outer(sigma, sigma)
+    rhs = torch.as_tensor(np.asarray(sets, dtype=np.float64), device=device).T / sigma[:, None]
+    g = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=device), rhs)  # (n, S)
+    out = torch.zeros((len(sets), outputs.shape[1]), dtype=torch.float64, device=device)
+    for r in rows:
+        z = (torch.as_tensor(np.asarray(masks[r], dtype=np.float64), device=device) - mu) / sigma
+        v = (z @ g).T / num  # (S, rows)
+        out += v @ torch.as_tensor(np.asarray(outputs[r], dtype=np.float64), device=device)
+    return out.cpu().numpy()

@@ -184,3 +184,77 @@ def histograms(values: dict[str, np.ndarray], path: Path, xlabel: str, title: st
     ax.set(xlabel=xlabel, ylabel="targets", title=title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def klom_vs_compute(curves: dict[str, dict[str, list[tuple[float, float]]]], floors: dict[str, float],
+                    ceilings: dict[str, float], direct: dict[str, float], path: Path, caption: str = "") -> Path:
+    """A panel per forget set: each method's forget-set KLoM (95th percentile) at its chosen
+    learning rate per budget against fine-tuning compute (epoch-equivalents, log x); DM-direct
+    (no fine-tuning) as a star at the left edge; the floor (independent oracles) and ceiling
+    (do nothing) as lines. curves[set][method] = [(compute, klom), ...]."""
+    names = list(curves)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.9), sharey=True, squeeze=False)
+    methods = sorted({m for c in curves.values() for m in c})
+    palette = dict(zip(methods + ["dm_direct"], sns.color_palette("tab10", len(methods) + 1)))
+    xs = [x for c in curves.values() for pts in c.values() for x, _ in pts if x > 0]
+    left = min(xs) / 3 if xs else 0.01
+    for ax, name in zip(axes[0], names):
+        for m in methods:
+            pts = curves[name].get(m, [])
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=m, color=palette[m])
+        ax.scatter([left], [direct[name]], marker="*", s=120, color=palette["dm_direct"], label="dm_direct", zorder=3)
+        ax.axhline(floors[name], color="k", ls=":", label="floor (oracles)")
+        ax.axhline(ceilings[name], color="grey", ls="--", label="ceiling (do nothing)")
+        ax.set_xscale("log")
+        ax.set(title=name, xlabel="fine-tuning epoch-equivalents")
+    axes[0][0].set_ylabel("KLoM, forget set, 95th pct")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    return _save(fig, path, caption)
+
+
+def klom_distributions(values: dict[str, dict[str, np.ndarray]], path: Path, caption: str = "") -> Path:
+    """Box plots of per-example KLoM per split (a panel each), one box per method:
+    values[method][split] = (examples,)."""
+    splits = list(next(iter(values.values())))
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.3 * len(splits), 3.9), sharey=True)
+    for ax, split in zip(np.atleast_1d(axes), splits):
+        names = list(values)
+        ax.boxplot([values[m][split] for m in names], whis=(5, 95), showfliers=False)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=60, fontsize=8)
+        ax.set(title=split)
+    np.atleast_1d(axes)[0].set_ylabel("KLoM per example (whiskers 5-95%)")
+    return _save(fig, path, caption)
+
+
+def margin_histograms(oracle: np.ndarray, unlearned: dict[str, np.ndarray], titles: list[str], path: Path,
+                      caption: str = "") -> Path:
+    """For a few forget examples (a panel each), histograms over models of the oracles' margins
+    (N, k) and of each method's unlearned margins (N, k)."""
+    k = oracle.shape[1]
+    fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.4), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        sample = np.concatenate([oracle[:, j]] + [v[:, j] for v in unlearned.values()])
+        bins = np.linspace(sample.min(), sample.max(), 25)
+        ax.hist(oracle[:, j], bins=bins, color="k", alpha=0.35, label="oracles")
+        for name, v in unlearned.items():
+            ax.hist(v[:, j], bins=bins, histtype="step", lw=1.4, label=name)
+        ax.set(title=titles[j], xlabel="margin")
+    axes[0][0].set_ylabel("models")
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path, caption)
+
+
+def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, title: str = "", caption: str = "") -> Path:
+    """values[group][series]: one cluster of bars per group (e.g. split), one bar per series (e.g. method)."""
+    groups = list(values)
+    series = list(next(iter(values.values())))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(series) * len(groups) / 2), 3.8))
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        ax.bar(np.arange(len(groups)) + i * width, [values[g][s] for g in groups], width, label=s)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+    lo = min(v for g in values.values() for v in g.values())
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, caption)

@@ -17,7 +17,7 @@ from nbconvert import HTMLExporter
 
 NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
              "counterfactuals": "04_counterfactuals", "attribution_comparison": "05_attribution_comparison",
-             "modeldiff": "06_modeldiff"}
+             "modeldiff": "06_modeldiff", "unlearning": "07_unlearning"}
 SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals")),
             ("TRAK and the method comparison", ("attribution_comparison",)),
             ("ModelDiff", ("modeldiff",)),
@@ -28,6 +28,18 @@ SCALE = "Here: scikit-learn digits and a one-hidden-layer MLP on 2 CPU cores; th
 def _best(m: dict, method: str, **match) -> dict:
     recs = [r for r in m["records"] if r["method"] == method and all(r.get(k) == v for k, v in match.items())]
     return max(recs, key=lambda r: r["lds"])
+
+
+def _forget_klom(m: dict, method: str) -> float:
+    """Mean over the reported forget sets of a method's forget-set 95th-percentile KLoM at its chosen setting."""
+    vals = [r["forget_p95"] for r in m["table"] if r["method"].split(" ")[0] == method]
+    return sum(vals) / len(vals)
+
+
+def _unlearning_line(m: dict) -> str:
+    names = {"floor": "floor", "do_nothing": "do nothing", "gd": "GD", "ga": "GA", "ascent_descent": "ascent-descent",
+             "scrub": "SCRUB", "om": "OM", "dmm": "DMM", "dm_direct": "DM-direct"}
+    return "forget-set KLoM p95, mean over reported sets: " + ", ".join(f"{v} {_forget_klom(m, k):.2f}" for k, v in names.items())
 
 
 def _trak_at(m: dict, models_used: int) -> float:
@@ -111,6 +123,20 @@ FIGURES = [
      "ModelDiff paper, counterfactual verification",
      lambda m: f"B/A {m['natural']['intervention']['b_over_a_contrasted']:.2f} toward the contrasted class, "
                f"{m['natural']['intervention']['b_over_a_other']:.2f} toward the rest", []),
+    ("unlearning", "klom_vs_compute.png", "KLoM on the forget set (95th percentile) against fine-tuning compute, per forget set: every method "
+     "at the learning rate chosen for each budget on the select sets, DM-direct, the floor and the ceiling.",
+     "Attribute-to-Delete paper (Georgiev et al. 2024), KLoM against compute on CIFAR-10 and ResNet-9, where DMM comes close to OM "
+     "and below every baseline at equal compute (read from its plots; no number transcribed)", _unlearning_line, []),
+    ("unlearning", "klom_distributions.png", "Per-example KLoM on the forget, retain and validation examples, each method at its chosen setting.",
+     "Attribute-to-Delete paper, KLoM per split",
+     lambda m: "retain KLoM p95, mean over sets: " + ", ".join(
+         f"{k} {sum(r['retain_p95'] for r in m['table'] if r['method'].split(' ')[0] == k) / len(m['verdict']):.2f}"
+         for k in ("floor", "do_nothing", "om", "dmm", "dm_direct")), []),
+    ("unlearning", "margin_histograms.png", "Margins over models of a few forget examples: oracles against unlearned models.",
+     "Attribute-to-Delete paper, margin distributions", lambda m: "", []),
+    ("unlearning", "accuracy.png", "Accuracy on forget, retain and validation examples of each method and of the oracles.",
+     "Attribute-to-Delete paper (accuracy is not enough: KLoM)",
+     lambda m: "forget accuracy: oracles {oracle:.3f}, do nothing {do_nothing:.3f}, OM {om:.3f}, DMM {dmm:.3f}".format(**m["accuracy"]["forget"]), []),
 ]
 
 
@@ -172,7 +198,32 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
         rows += [{"metric": "ModelDiff planted recovery (AUROC / precision)", "value": f"{r['auroc']:.3f} / {r['precision_at_planted']:.2f}",
                   "params": f"{p['modeldiff']['num_models']} models per algorithm, {d['attribution']}"},
                  {"metric": "ModelDiff control, largest variance ratio", "value": f"{d['control']['largest_variance_ratio']:.2f}", "params": ""}]
+    if "unlearning" in m:
+        u = m["unlearning"]
+        rows += [{"metric": "unlearning: forget-set KLoM p95 (OM / DMM / DM-direct / do nothing / floor)",
+                  "value": " / ".join(f"{_forget_klom(u, k):.2f}" for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")),
+                  "params": f"N = {u['num_models']} models, {len(u['verdict'])} reported forget sets, {u['direction']}"}]
     return rows
+
+
+def headline_values(reports_dir) -> dict[str, float]:
+    """The headline metrics as one flat dict of numbers (``reports/report/headline.json``): what
+    ``dvc exp show`` puts side by side for experiments."""
+    m, out = load_metrics(reports_dir), {}
+    if "fit_datamodels" in m:
+        out.update(datamodels_lds=m["fit_datamodels"]["lds_mean"], datamodels_lds_single=m["fit_datamodels"]["lds_single"])
+    if "eval_models" in m and "seed_agreement" in m["eval_models"]:
+        out["seed_agreement"] = m["eval_models"]["seed_agreement"]
+    if "attribution_comparison" in m:
+        a = m["attribution_comparison"]
+        out.update(trak_lds_best=_best(a, "trak")["lds"], datamodels_lds_best=_best(a, "datamodels")["lds"])
+    if "modeldiff" in m:
+        d = m["modeldiff"]
+        out["modeldiff_planted_auroc"] = d["planted"]["recovery_by_direction"][d["planted"]["best_direction"] - 1]["auroc"]
+        out["modeldiff_control_ratio"] = d["control"]["largest_variance_ratio"]
+    if "unlearning" in m:
+        out.update({f"unlearning_forget_klom_{k}": _forget_klom(m["unlearning"], k) for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")})
+    return {k: round(float(v), 4) for k, v in out.items()}
 
 
 def run_stamp(root) -> dict:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
+import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from datalens.config import get_dotted, resolve_location
 from datalens.data import Dataset, load_dataset
@@ -22,6 +22,7 @@ from datalens.engine import TrainedModels, TrainSettings, flatten_state, init_mo
 from datalens.execution import LocalExecutor
 from datalens.models import build_model
 from datalens.outputs import margins_from_logits
+from datalens.progress import progress_bar
 from datalens.sampling import model_seed, subset_masks
 from datalens.store import SubsetStore, open_existing
 
@@ -51,6 +52,8 @@ class SubsetRun:
     patch: dict | None = None  # a planted feature (datalens.data.plant_patch), for ModelDiff's ground truth
     blank: dict | None = None  # preprocessing that blanks a region (datalens.data.blank_region)
     repeat_offset: int = 0  # shifts every model seed: the same masks with other seeds (a negative control)
+    exclude: tuple[int, ...] | None = None  # training examples left out of every mask (unlearning's oracles: S minus F)
+    record_logits: bool = False  # also keep every class logit on train and test examples (float16), for unlearning
 
     @classmethod
     def from_params(cls, p: dict, **given) -> "SubsetRun":
@@ -74,13 +77,15 @@ class SubsetRun:
             store=resolve_location(p, param("train.store")),
             num_checkpoints=int(min(param("train.num_checkpoints"), n)), device=param("device"),
             stream=given.get("stream", "train"), repeats=int(given.get("repeats", 1)), stack_size=int(param("train.stack_size")),
+            record_logits=bool(given.get("record_logits", p["train"].get("record_logits", False))),
         )
 
     def identity(self) -> dict:
         """Every param that changes a model's results, and nothing else: not how many models,
         where they go, how they are grouped (block and stack size) or which are checkpointed.
         The device changes only floating-point rounding and is not part of it either."""
-        optional = {"data.patch": self.patch, "data.blank": self.blank, "repeat_offset": self.repeat_offset}
+        optional = {"data.patch": self.patch, "data.blank": self.blank, "repeat_offset": self.repeat_offset,
+                    "exclude": list(self.exclude) if self.exclude else None}
         return {
             "data.dataset": self.dataset, "model.name": self.model,
             **{f"model.{k}": v for k, v in sorted(self.model_kwargs.items())},
@@ -129,23 +134,30 @@ def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], mo
     models = [mod.to(device) for mod in init_models(run.build_model, seeds)]
     trained = train_models(models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
                            stack_size=run.stack_size)
-    logits_te = trained.logits(x_te)
-    return {
+    logits_te, logits_tr = trained.logits(x_te), trained.logits(x_tr)
+    out = {
         "masks": masks,
         "test_margins": margins_from_logits(logits_te, y_te).float().cpu().numpy(),
         "test_accuracy": (logits_te.argmax(-1) == y_te).float().mean(-1).cpu().numpy(),
-        "train_margins": margins_from_logits(trained.logits(x_tr), y_tr).float().cpu().numpy(),
+        "train_margins": margins_from_logits(logits_tr, y_tr).float().cpu().numpy(),
         "models": trained,
     }
+    if run.record_logits:
+        out["train_logits"] = logits_tr.to(torch.float16).cpu().numpy()
+        out["test_logits"] = logits_te.to(torch.float16).cpu().numpy()
+    return out
 
 
 def train_range(run: SubsetRun, start: int, stop: int) -> dict[str, np.ndarray | TrainedModels]:
     """Train models ``start..stop-1`` of ``run`` without touching any store.
 
     Returns ``masks`` (M, n) bool, ``test_margins`` (M, t), ``train_margins`` (M, n) float32,
-    ``test_accuracy`` (M,), ``models`` (:class:`~datalens.engine.TrainedModels`).
+    ``test_accuracy`` (M,), ``models`` (:class:`~datalens.engine.TrainedModels`), and with
+    ``record_logits`` ``train_logits`` (M, n, C) and ``test_logits`` (M, t, C) float16.
     """
     masks = subset_masks(run.seed, run.mask_indices(start, stop), run.dataset_().n_train, run.alpha, run.stream)
+    if run.exclude:
+        masks[:, list(run.exclude)] = False
     return _train_and_score(run, masks, run.model_seeds(start, stop), range(start, stop))
 
 
@@ -156,7 +168,8 @@ def train_block(run: SubsetRun, block: int) -> dict:
     start, stop = store.block_range(block)
     out = train_range(run, start, stop)
     ckpts = {j: flatten_state(s) for j, s in zip(range(start, stop), out["models"].state_dicts()) if j < run.num_checkpoints}
-    store.write_block(block, {k: out[k] for k in SubsetStore.DATA_ARRAYS}, {"checkpoints": ckpts} if ckpts else None)
+    names = SubsetStore.DATA_ARRAYS + (SubsetStore.LOGIT_ARRAYS if run.record_logits else ())
+    store.write_block(block, {k: out[k] for k in names}, {"checkpoints": ckpts} if ckpts else None)
     return {"block": block, "start": start, "stop": stop, "test_accuracy": float(out["test_accuracy"].mean())}
 
 
@@ -165,7 +178,7 @@ def prepare_store(run: SubsetRun) -> SubsetStore:
     ds = run.dataset_()
     num_params = sum(v.numel() for v in run.build_model().state_dict().values()) if run.num_checkpoints else 0
     return SubsetStore.create_or_open(run.store, run.identity(), run.num_models, ds.n_train, ds.n_test, run.block_size,
-                                      run.num_checkpoints, num_params)
+                                      run.num_checkpoints, num_params, ds.num_classes if run.record_logits else 0)
 
 
 def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
@@ -181,7 +194,7 @@ def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) ->
         start, stop = store.block_range(args[1])
         return f"models {start}..{stop - 1}"
 
-    with tqdm(total=store.num_models, initial=store.num_models - n_todo, unit="model", desc=f"train {run.stream}",
+    with progress_bar(total=store.num_models, initial=store.num_models - n_todo, unit="model", desc=f"train {run.stream}",
               disable=not progress) as bar:
         for summary in executor.map_unordered(train_block, [(run, b) for b in todo], describe=describe):
             bar.update(summary["stop"] - summary["start"])

@@ -27,11 +27,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from datalens.engine import keep_freed_memory, resolve_device
 from datalens.execution import LocalExecutor
 from datalens.outputs import ClassificationMargin, ModelOutput, out_to_loss, per_example_gradients
+from datalens.progress import progress_bar
 from datalens.projection import PROJECTOR_VERSION, Projector
 from datalens.runs import SubsetRun
 from datalens.store import ArraySpec, ResumableStore, open_existing
@@ -205,7 +205,7 @@ def featurize_checkpoints(job: FeatureJob, num_models: int, executor=None, progr
     store = FeatureStore.for_job(job, num_models, ds.n_train, ds.n_test)
     todo = [b for b in store.missing_blocks() if b < num_models]
     executor = executor or LocalExecutor()
-    with tqdm(total=num_models, initial=num_models - len(todo), unit="model", desc="TRAK features", disable=not progress) as bar:
+    with progress_bar(total=num_models, initial=num_models - len(todo), unit="model", desc="TRAK features", disable=not progress) as bar:
         for _ in executor.map_unordered(featurize_checkpoint, [(job, m) for m in todo], describe=lambda a: f"checkpoint {a[1]}"):
             bar.update(1)
     return store

@@ -1,0 +1,76 @@
+"""`dvc exp run -S key=value` through the repo's own dvc.yaml, on a tiny profile in a fresh git + DVC
+project, and a bad value through plain `dvc repro`: one line naming the key, a non-zero exit
+before any stage runs, and every result already computed left in place."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datalens.config import set_dotted
+
+TINY = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8, "train.num_models": 60,
+        "train.block_size": 30, "train.num_checkpoints": 4, "attribution.selection_models": 20, "datamodels.model_counts": [50],
+        "trak.num_models": [1, 2], "attribution.ensemble_sizes": [1, 2], "attribution.tracin_epochs": [2, 5],
+        "modeldiff.num_models": 20, "modeldiff.num_checkpoints": 2, "modeldiff.trak_models": 2}
+
+
+def _sh(args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and out.returncode:
+        raise AssertionError(f"{args} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def _metrics_of(node, found):
+    """Every (params, metrics) pair in `dvc exp show --json` output, wherever it nests them."""
+    if isinstance(node, dict):
+        if "params" in node and "metrics" in node:
+            found.append((node["params"], node["metrics"]))
+        for v in node.values():
+            _metrics_of(v, found)
+    elif isinstance(node, list):
+        for v in node:
+            _metrics_of(v, found)
+    return found
+
+
+@pytest.mark.slow
+def test_dvc_experiments_and_a_bad_param_through_plain_dvc_repro(root, tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(root / "dvc.yaml", proj / "dvc.yaml")
+    for name in ("src", "notebooks", "docs"):
+        (proj / name).symlink_to(root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for key, value in TINY.items():
+        set_dotted(params, key, value)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (proj / ".gitignore").write_text("stores/\n")
+    _sh(["git", "init", "-q"], proj)
+    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], proj)
+    _sh(["dvc", "init", "-q"], proj)
+    _sh(["git", "add", "-A"], proj)
+    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny project"], proj)
+
+    _sh(["dvc", "exp", "run", "train_subsets", "-S", "train.num_models=70", "-n", "more-models"], proj)
+    shown = _metrics_of(json.loads(_sh(["dvc", "exp", "show", "--json"], proj).stdout), [])
+    runs = [(p, m) for p, m in shown if m and "reports/train_subsets/metrics.json" in json.dumps(m)]
+    assert any('"num_models": 70' in json.dumps(p) and '"num_models": 70' in json.dumps(m) for p, m in runs), shown
+    metrics = proj / "reports" / "train_subsets" / "metrics.json"
+    before = metrics.read_text()
+
+    params["train"]["alpha"] = 1.5
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = _sh(["dvc", "repro"], proj, check=False)
+    assert failed.returncode != 0
+    said = failed.stdout + failed.stderr
+    lines = [l for l in said.splitlines() if "train.alpha=1.5" in l]
+    assert len(lines) == 1 and "(0.0, 1.0]" in lines[0], said
+    assert "Running stage 'train_subsets'" not in said  # stopped before any stage
+    assert metrics.read_text() == before and (proj / "stores" / "train_subsets.zarr").exists()
