@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from datalens.datamodels import Moments, fit_datamodels, lasso_fista
+from datalens.datamodels import Datamodels, Moments, fit_datamodels, lasso_fista, load_fits, save_fits
 
 
 def _planted(n_models=1200, n=60, targets=4, k=5, noise=0.1, seed=0):
@@ -135,3 +135,14 @@ def test_refit_starts_from_the_solution_at_the_chosen_lambda():
         lam = diag["lambda_grid"][diag["best_index"][t], t]
         cold = lasso_fista(torch.tensor(gram), torch.tensor(cross[:, t:t + 1]), torch.tensor([lam]), max_iter=20000, tol=1e-12)
         np.testing.assert_allclose(diag["refit_start"][:, t], cold[:, 0].numpy(), atol=1e-5)
+
+
+def test_saved_fits_come_back_with_their_seconds_and_a_missing_count_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    dm = Datamodels(weight=rng.normal(size=(6, 3)), bias=rng.normal(size=3), lam=np.ones(3), weight_std=rng.normal(size=(6, 3)),
+                    mu=np.full(6, 0.5), sigma=np.full(6, 0.5), ybar=np.zeros(3))
+    save_fits(tmp_path / "fits", {40: (dm, 1.5), 80: (dm, 3.25)})
+    back = load_fits(tmp_path / "fits", [40, 80])
+    assert back[80][1] == 3.25 and np.array_equal(back[40][0].weight, dm.weight)
+    with pytest.raises(FileNotFoundError, match=r"\[60\] models"):
+        load_fits(tmp_path / "fits", [40, 60])

@@ -74,3 +74,19 @@ def test_dvc_experiments_and_a_bad_param_through_plain_dvc_repro(root, tmp_path)
     assert len(lines) == 1 and "(0.0, 1.0]" in lines[0], said
     assert "Running stage 'train_subsets'" not in said  # stopped before any stage
     assert metrics.read_text() == before and (proj / "stores" / "train_subsets.zarr").exists()
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_finds_nothing_stale(root, tmp_path):
+    """`dvc status` on a clone of what is committed: every stage's code, params and command match the
+    committed dvc.lock, so only outputs that a fresh clone cannot have yet (stores, figures and
+    executed notebooks, made by `make repro`) and the paper-scale tarball are listed."""
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    status = json.loads(_sh(["dvc", "status", "--json"], clone).stdout)
+    for stage, changes in status.items():
+        if stage == "data.dvc":  # the CIFAR-10 tarball, fetched on demand (README)
+            continue
+        for change in changes:
+            assert set(change) == {"changed outs"}, f"{stage} is stale in a fresh clone: {change}"
+            assert set(change["changed outs"].values()) == {"not in cache"}, f"{stage}: {change}"

@@ -18,7 +18,7 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
     "03_fit_datamodels": {"datamodels.model_counts": [60], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20},
     "04_counterfactuals": {**COMMON, "counterfactuals.num_targets": 2, "counterfactuals.ks": [2, 4], "counterfactuals.num_retrains": 1},
     "05_attribution_comparison": {
-        **COMMON, **TRAIN, "datamodels.model_counts": [60], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20,
+        **COMMON, **TRAIN, "datamodels.model_counts": [60],
         "trak.num_models": [1, 2], "trak.proj_dims": [16, 32], "trak.ridge_grid": [0.1, 1.0], "attribution.selection_models": 20,
         "attribution.ensemble_sizes": [1, 2], "attribution.dampings": [1.0, 10.0], "attribution.tracin_epochs": [2, 5],
         "attribution.ekfac_dampings": [0.01, 1.0],
@@ -68,13 +68,14 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert m1["num_models"] == 80 and m1["test_accuracy_mean"] > 0.3  # 10 classes: chance is 0.1
     m2 = _run(root, tmp_path, "02_eval_models", TINY["02_eval_models"])
     assert m2["num_models"] == 24 and -1 <= m2["seed_agreement"] <= 1
-    m3 = _run(root, tmp_path, "03_fit_datamodels", TINY["03_fit_datamodels"], extra)
+    fits = {"fits_dir": str(tmp_path / "datamodels_by_count")}
+    m3 = _run(root, tmp_path, "03_fit_datamodels", TINY["03_fit_datamodels"], {**extra, **fits})
     assert m3["num_models"] == 80 and set(m3["growth"]) == {"60", "80"}
     assert -1 <= m3["lds_mean"] <= 1 and m3["mean_nonzero_weights"] >= 0
     m4 = _run(root, tmp_path, "04_counterfactuals", TINY["04_counterfactuals"], extra)
     assert set(m4["brittleness"]["fraction_flipped_predicted"]) == set(m4["brittleness"]["fraction_flipped_confirmed"]) == {"2", "4"}
     assert set(m4["agreement"]) == {"pooled", "top_positive", "top_negative", "random"}
-    m5 = _run(root, tmp_path, "05_attribution_comparison", TINY["05_attribution_comparison"])
+    m5 = _run(root, tmp_path, "05_attribution_comparison", TINY["05_attribution_comparison"], fits)
     methods = {r["method"] for r in m5["records"]}
     assert methods >= {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "representation_similarity",
                        "influence_explicit", "tracin", "ekfac_influence"}  # influence_cg drops out only if every damping is indefinite

@@ -108,3 +108,23 @@ def test_make_repro_checks_the_whole_file_before_dvc_runs(root):
     makefile = (root / "Makefile").read_text()
     recipe = makefile.split("\nrepro:")[1].split("\n\n")[0]
     assert recipe.index("datalens.config params.yaml") < recipe.index("dvc repro")
+
+
+@pytest.mark.parametrize("value,pattern", [
+    ([{"name": "a", "kind": "random", "size": 5}], r"needs at least one set to report and one with select: true"),
+    ([{"name": "a", "kind": "random", "size": 5}, {"name": "a", "kind": "random", "size": 5, "select": True}], r"names must be unique"),
+    ([{"name": "a", "kind": "cluster", "size": 5}], r"forget_sets\[0\].kind='cluster'.*random, component"),
+    ([{"name": "a", "kind": "component", "size": 5}], r"forget_sets\[0\].*component forget set has the fields"),
+    ([{"name": "a", "kind": "random", "size": 0}], r"forget_sets\[0\].size=0"),
+])
+def test_bad_forget_sets_are_refused_naming_the_entry(root, value, pattern):
+    with pytest.raises(ParamError, match=pattern):
+        stage_params("unlearning", root / "params.yaml", {"unlearning.forget_sets": value}, environment=False)
+
+
+def test_unlearning_learning_rates_must_cover_every_method(root):
+    with pytest.raises(ParamError, match="unlearning.lrs.*each of gd, ga, ascent_descent, scrub, om, dmm"):
+        stage_params("unlearning", root / "params.yaml", {"unlearning.lrs": {"om": [0.01]}}, environment=False)
+    with pytest.raises(ParamError, match="unlearning.klom.direction='both'"):
+        stage_params("unlearning", root / "params.yaml", {"unlearning.klom": {"bins": 20, "clip": 100.0, "floor": 1e-5,
+                                                                             "direction": "both"}}, environment=False)

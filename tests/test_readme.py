@@ -71,13 +71,35 @@ def claims(m: dict) -> list[str]:
     ]
 
 
+UNLEARNING_COLUMNS = ("floor", "do_nothing", "gd", "ga", "ascent_descent", "scrub", "om", "dmm", "dm_direct")
+
+
+def unlearning_claims(u: dict) -> list[str]:
+    """The unlearning table (forget- and validation-set KLoM per set and method) and its sentences."""
+    rows = {}
+    for r in u["table"]:
+        rows.setdefault(r["set"], {})[r["method"].split(" ")[0]] = r
+    out = []
+    for name, by in rows.items():
+        out.append(f"| {name} | " + " | ".join(f"{by[c]['forget_p95']:.2f}" for c in UNLEARNING_COLUMNS) + " |")
+        out.append(f"| {name} | " + " | ".join(f"{by[c]['validation_p95']:.2f}" for c in UNLEARNING_COLUMNS) + " |")
+    for name, v in u["verdict"].items():
+        out.append(f"{name}: {v['forget_gap_do_nothing']:.2f} → {v['forget_gap_dm_direct']:.2f} (slope {v['predicted_shift_slope']:.2f})")
+    lc = u["attribution"]["lasso_check"]
+    out += [f"Pearson {lc['ridge']['pearson']:.3f} for ridge and {lc['lasso']['pearson']:.3f} for the lasso",
+            f"on {lc['targets']} logit targets",
+            f"{lc['lasso']['seconds_per_target'] * lc['all_targets'] / 60:.0f} min for all {lc['all_targets']:,}"]
+    return out
+
+
 def test_readme_results_agree_with_the_metrics_files(root):
     m = _metrics(root)
-    missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff"} - set(m)
+    missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff",
+               "unlearning"} - set(m)
     if missing:
         pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/metrics.json")
     text = (root / "README.md").read_text()
     section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
     flat = re.sub(r"\s+", " ", section)
-    stale = [c for c in claims(m) if re.sub(r"\s+", " ", c) not in flat]
+    stale = [c for c in claims(m) + unlearning_claims(m["unlearning"]) if re.sub(r"\s+", " ", c) not in flat]
     assert not stale, "README results disagree with reports/*/metrics.json; expected to find:\n" + "\n".join(stale)

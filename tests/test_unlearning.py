@@ -1,6 +1,7 @@
 """Unlearning: KLoM against scipy, the methods against closed forms and convex optima, and the
 ridge datamodels behind DMM against an exactly linear learner."""
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,10 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from datalens import datamodels, unlearning
-from datalens.config import ParamError
+from datalens.config import ParamError, stage_params
+from datalens.outputs import margins_from_logits
+from datalens.runs import prepare_store, train_subset_models
+from datalens.store import StoreError
 
 
 def _reference_klom(a, b, bins=20, clip=100.0, floor=1e-5):
@@ -188,15 +192,12 @@ def test_forget_sets_are_seeded_and_coherent_ones_follow_their_component():
 
 
 def _tiny_unlearning_params(root, tmp_path):
-    from datalens.config import stage_params
     return stage_params("unlearning", root / "params.yaml", {
         "device": "cpu", "model.hidden": [8], "train.epochs": 5, "unlearning.num_models": 5, "unlearning.om_oracles": 2,
         "unlearning.store_dir": str(tmp_path / "unlearning")}, environment=False)
 
 
 def test_oracles_train_without_the_forget_set_and_record_every_logit(root, tmp_path):
-    from datalens.outputs import margins_from_logits
-    from datalens.runs import train_subset_models
     p = _tiny_unlearning_params(root, tmp_path)
     base = unlearning.base_run(p)
     assert base.alpha == 1.0 and base.num_checkpoints == base.num_models == 5 and base.record_logits
@@ -213,10 +214,6 @@ def test_oracles_train_without_the_forget_set_and_record_every_logit(root, tmp_p
 
 
 def test_a_store_without_logits_is_refused_when_logits_are_asked_for(root, tmp_path):
-    from dataclasses import replace
-
-    from datalens.runs import prepare_store
-    from datalens.store import StoreError
     run = replace(unlearning.base_run(_tiny_unlearning_params(root, tmp_path)), record_logits=False)
     prepare_store(run)
     with pytest.raises(StoreError, match="train.record_logits"):

@@ -110,12 +110,12 @@ def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], pro
                                         for r, c in candidates.items()}
 
 
-def run_datamodels(cmp: Comparison, store: SubsetStore, counts: list[int], solver: dict, val_fraction: float, seed: int) -> None:
-    """Datamodels from the first N models (lambda chosen on their own validation split)."""
-    for n in counts:
-        t0 = time.perf_counter()
-        dm, _ = datamodels.fit_from_store(store, num_models=n, val_fraction=val_fraction, seed=seed, progress=False, **solver)
-        cmp.add("datamodels", n, time.perf_counter() - t0, dm.weight, False)
+def run_datamodels(cmp: Comparison, fits: dict[int, tuple[datamodels.Datamodels, float]]) -> None:
+    """Datamodels from the first N models, for each N: the fits of stage fit_datamodels
+    (``datamodels.load_fits``; lambda chosen on each fit's own validation split), each charged
+    the wall seconds its fit took there."""
+    for n, (dm, seconds) in sorted(fits.items()):
+        cmp.add("datamodels", n, seconds, dm.weight, False)
 
 
 def run_empirical_influence(cmp: Comparison, store: SubsetStore, counts: list[int]) -> None:

@@ -19,8 +19,10 @@ then the fit is redone on train + validation models at that lambda.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -238,6 +240,28 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
     dm = Datamodels(weight=weight, bias=ybar - mu @ weight, lam=lam_train, weight_std=w_std, mu=mu, sigma=sigma, ybar=ybar)
     return dm, {"val_mse_path": val_mse, "best_index": best_idx, "lambda_grid": grid, "unconverged_solves": unconverged,
                 "refit_start": w_best.cpu().numpy()}
+
+
+def save_fits(directory, fits: dict[int, tuple[Datamodels, float]]) -> None:
+    """Datamodels fit on the first N models, for several N, with each fit's wall seconds:
+    ``directory/N.npz`` and ``directory/seconds.json`` (stage fit_datamodels writes them; the
+    method comparison charges those seconds instead of fitting again)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for n, (dm, _) in fits.items():
+        dm.save(directory / f"{n}.npz")
+    (directory / "seconds.json").write_text(json.dumps({str(n): sec for n, (_, sec) in fits.items()}, indent=1))
+
+
+def load_fits(directory, counts: Sequence[int]) -> dict[int, tuple[Datamodels, float]]:
+    """The fits :func:`save_fits` wrote, for ``counts``; a missing one is an error that says which."""
+    directory = Path(directory)
+    seconds = json.loads((directory / "seconds.json").read_text()) if (directory / "seconds.json").exists() else {}
+    missing = [n for n in counts if str(n) not in seconds or not (directory / f"{n}.npz").exists()]
+    if missing:
+        raise FileNotFoundError(f"no datamodels fit on {missing} models in {directory}; run stage fit_datamodels with "
+                                f"datamodels.model_counts covering them first")
+    return {n: (Datamodels.load(directory / f"{n}.npz"), float(seconds[str(n)])) for n in counts}
 
 
 def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,11 +13,12 @@ import seaborn as sns  # noqa: E402
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def _save(fig, path: Path, caption: str = "") -> Path:
-    """Lay out, add ``caption`` under the axes when given, write and close."""
+def _save(fig, path: Path, caption: str = "", top: float = 1.0) -> Path:
+    """Lay out (below ``top``, leaving room for a figure legend above), add ``caption`` under the
+    axes when given, write and close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=(0, 0.08, 1, 1) if caption else None)
+    fig.tight_layout(rect=(0, 0.08 if caption else 0, 1, top))
     if caption:
         fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, wrap=True)
     fig.savefig(path, dpi=110)
@@ -208,8 +209,9 @@ def klom_vs_compute(curves: dict[str, dict[str, list[tuple[float, float]]]], flo
         ax.set_xscale("log")
         ax.set(title=name, xlabel="fine-tuning epoch-equivalents")
     axes[0][0].set_ylabel("KLoM, forget set, 95th pct")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    return _save(fig, path, caption)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    return _save(fig, path, caption, top=0.9)
 
 
 def klom_distributions(values: dict[str, dict[str, np.ndarray]], path: Path, caption: str = "") -> Path:
@@ -248,7 +250,7 @@ def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, t
     """values[group][series]: one cluster of bars per group (e.g. split), one bar per series (e.g. method)."""
     groups = list(values)
     series = list(next(iter(values.values())))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(series) * len(groups) / 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(series) * len(groups)), 4.0))
     width = 0.8 / len(series)
     for i, s in enumerate(series):
         ax.bar(np.arange(len(groups)) + i * width, [values[g][s] for g in groups], width, label=s)
@@ -256,5 +258,5 @@ def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, t
     lo = min(v for g in values.values() for v in g.values())
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.set(ylabel=ylabel, title=title)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path, caption)
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=len(series), fontsize=8, frameon=False)
+    return _save(fig, path, caption, top=0.9)
