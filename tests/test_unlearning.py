@@ -10,9 +10,11 @@ from scipy.stats import entropy
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from torch import nn
+from torch.func import stack_module_state
 
 from datalens import datamodels, unlearning
 from datalens.config import ParamError, stage_params
+from datalens.models import build_model
 from datalens.outputs import margins_from_logits
 from datalens.runs import prepare_store, train_subset_models
 from datalens.store import StoreError
@@ -218,3 +220,15 @@ def test_a_store_without_logits_is_refused_when_logits_are_asked_for(root, tmp_p
     prepare_store(run)
     with pytest.raises(StoreError, match="train.record_logits"):
         prepare_store(replace(run, record_logits=True))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet9"])
+def test_the_stacked_forward_equals_each_model_alone(name):
+    shape = (64,) if name == "mlp" else (3, 8, 8)
+    models = [build_model(name, shape, 10, hidden=[16], width=4).eval() for _ in range(3)]
+    x = torch.randn(5, *shape)
+    params, buffers = stack_module_state(models)
+    with torch.no_grad():
+        stacked = unlearning.stacked_forward(models[0], buffers)(params, x)
+        alone = torch.stack([m(x) for m in models])
+    torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)

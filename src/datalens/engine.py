@@ -268,7 +268,7 @@ def _padded_batch(x: torch.Tensor, y: torch.Tensor, batch: Sequence[np.ndarray])
     return x[idx_t], y[idx_t], torch.as_tensor(wts, device=x.device, dtype=x.dtype)
 
 
-def _mlp_linear_names(model: nn.Module) -> list[str] | None:
+def mlp_linear_names(model: nn.Module) -> list[str] | None:
     """Names of the Linear layers of a plain MLP (``Sequential`` of Flatten, Linear, ReLU), else None."""
     if not isinstance(model, nn.Sequential):
         return None
@@ -319,7 +319,7 @@ def _train_stack(models, x, y, subsets, seeds, settings, steps, model_ids) -> Tr
             logits = functional_call(base, p, (xb,))
         return (F.cross_entropy(logits.float(), yb, reduction="none", label_smoothing=settings.label_smoothing) * wb).sum()
 
-    linear_names = _mlp_linear_names(models[0])
+    linear_names = mlp_linear_names(models[0])
     if linear_names is not None:
         mlp_loss = _stacked_mlp_loss(linear_names, settings.label_smoothing, settings.compute_dtype)
         num_classes = params[f"{linear_names[-1]}.weight"].shape[1]

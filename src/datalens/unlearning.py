@@ -40,6 +40,7 @@ from torch.func import functional_call, stack_module_state
 
 from datalens.config import ParamError, resolve_location
 from datalens.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
+from datalens.engine import mlp_linear_names
 from datalens.outputs import margins_from_logits
 from datalens.progress import progress_bar
 from datalens.runs import SubsetRun
@@ -271,13 +272,30 @@ def unlearn(models: Sequence[nn.Module], x_train: torch.Tensor, y_train: torch.T
     return {b: torch.cat(v) for b, v in out.items()}
 
 
+def stacked_forward(model: nn.Module, buffers: dict[str, torch.Tensor]):
+    """f(params, x) -> logits (M, B, C) of M stacked copies of ``model`` on one batch x (B, ...).
+
+    Plain MLPs (Flatten, Linear, ReLU) take a hand-laid path of broadcast matrix products, about
+    twice as fast on CPU as ``torch.vmap`` over ``functional_call``, which serves every other
+    model (batch norm in eval mode: its statistics stay frozen)."""
+    names = mlp_linear_names(model)
+    if names is not None:
+        def mlp(p, x):
+            h = x.reshape(len(x), -1)
+            for k, name in enumerate(names):
+                h = torch.matmul(h, p[f"{name}.weight"].transpose(1, 2)) + p[f"{name}.bias"].unsqueeze(1)
+                if k < len(names) - 1:
+                    h = torch.relu(h)
+            return h
+        return mlp
+    base = copy.deepcopy(model).to("meta").eval()
+    return lambda p, x: torch.vmap(lambda pp, bb: functional_call(base, (pp, bb), (x,)), in_dims=(0, 0))(p, buffers)
+
+
 def _unlearn_stack(models, x_train, y_train, x_eval, method, lr, snapshots, sets, settings, targets) -> dict[int, torch.Tensor]:
     params, buffers = stack_module_state([copy.deepcopy(m).eval() for m in models])
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta").eval()  # eval: batch-norm statistics stay frozen
-
-    def forward(p, x):
-        return torch.vmap(lambda pp, bb: functional_call(base, (pp, bb), (x,)), in_dims=(0, 0))(p, buffers)
+    forward = stacked_forward(models[0], buffers)
 
     def evaluate(p) -> torch.Tensor:
         with torch.no_grad():
