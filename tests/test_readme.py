@@ -85,6 +85,10 @@ def unlearning_claims(u: dict) -> list[str]:
         out.append(f"| {name} | " + " | ".join(f"{by[c]['validation_p95']:.2f}" for c in UNLEARNING_COLUMNS) + " |")
     for name, v in u["verdict"].items():
         out.append(f"{name}: {v['forget_gap_do_nothing']:.2f} → {v['forget_gap_dm_direct']:.2f} (slope {v['predicted_shift_slope']:.2f})")
+    acc = u["accuracy"]["forget"]
+    out.append(f"GA's forget accuracy is {acc['ga']:.2f} against the oracles' {acc['oracle']:.2f}")
+    best = {kind: c["best"]["dmm"][1] for kind, c in u["selection"].items()}
+    out.append(f"the budgets chosen for it are short ({best['random']:g} and {best['component']:g} epoch-equivalents)")
     lc = u["attribution"]["lasso_check"]
     out += [f"Pearson {lc['ridge']['pearson']:.3f} for ridge and {lc['lasso']['pearson']:.3f} for the lasso",
             f"on {lc['targets']} logit targets",
