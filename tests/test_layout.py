@@ -16,7 +16,7 @@ LAYERS = [
     {"runs", "projection"},
     {"datamodels", "trak", "attribution"},
     {"evaluation", "counterfactuals"},
-    {"comparison", "modeldiff", "unlearning"},
+    {"comparison", "modeldiff", "unlearning", "unlearning_comparison"},
     {"plots"},
     {"reports"},
     {"report_page"},

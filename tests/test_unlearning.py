@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.func import stack_module_state
 
-from datalens import datamodels, unlearning
+from datalens import datamodels, unlearning, unlearning_comparison
 from datalens.config import ParamError, stage_params
 from datalens.models import build_model
 from datalens.outputs import margins_from_logits
@@ -177,8 +177,8 @@ def test_unlearning_does_not_depend_on_the_stack_size_and_leaves_the_models_alon
 
 def test_a_diverged_run_is_never_chosen():
     scores = {(0.1, 1.0): float("nan"), (0.01, 1.0): 3.0, (0.1, 2.0): 1.0, (0.01, 2.0): 2.0}
-    assert unlearning.choose_per_budget(scores) == {1.0: 0.01, 2.0: 0.1}
-    assert unlearning.best_setting(scores) == (0.1, 2.0)
+    assert unlearning_comparison.choose_per_budget(scores) == {1.0: 0.01, 2.0: 0.1}
+    assert unlearning_comparison.best_setting(scores) == (0.1, 2.0)
 
 
 def test_forget_sets_are_seeded_and_coherent_ones_follow_their_component():

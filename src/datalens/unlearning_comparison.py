@@ -1,0 +1,434 @@
+"""How unlearning methods compare, as stage ``unlearning`` runs it: the datamodels of the base
+run (forget sets and each set's attributed contribution to every logit), the problem each forget
+set poses (its oracles' margins, OM's targets, DMM's contribution), every method at every
+setting on every set, learning rates chosen on the select sets only, and the summaries the
+figures and the metrics are drawn from. The methods and KLoM are :mod:`datalens.unlearning`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from datalens.config import ParamError
+from datalens.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
+from datalens.progress import progress_bar
+from datalens.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, datamodel_components, epoch_cost,
+                                 example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
+                                 predicted_logits, settings_from_params, split_indices, unlearn)
+
+
+# -- choosing hyperparameters on the selection sets only ---------------------------------------
+
+def choose_per_budget(scores: dict[tuple[float, float], float]) -> dict[float, float]:
+    """For each budget, the learning rate with the lowest score: scores[(lr, budget)] is the
+    select sets' mean :func:`selection_score` (NaN for a diverged run, never chosen)."""
+    chosen = {}
+    for budget in sorted({b for _, b in scores}):
+        candidates = {lr: s for (lr, b), s in scores.items() if b == budget and np.isfinite(s)}
+        if candidates:
+            chosen[budget] = min(candidates, key=lambda lr: (candidates[lr], lr))
+    return chosen
+
+
+def best_setting(scores: dict[tuple[float, float], float]) -> tuple[float, float] | None:
+    """The (lr, budget) with the lowest selection score; ties go to the smaller budget."""
+    finite = {k: s for k, s in scores.items() if np.isfinite(s)}
+    return min(finite, key=lambda k: (finite[k], k[1], k[0])) if finite else None
+
+
+class StoreLogits:
+    """The logits of a store's models as a (N, (n_train + n_test) * C) array that reads by rows,
+    so a store too large for memory streams through :func:`~datalens.datamodels.ridge_set_contributions`."""
+
+    def __init__(self, store):
+        self.store = store
+        n, c = store.group["train_logits"].shape[1:]
+        self.shape = (store.num_models, (n + store.group["test_logits"].shape[1]) * c)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        out = load_outputs(self.store, rows)
+        return out.reshape(len(out), -1)
+
+    def columns(self, cols: np.ndarray, block: int = 1000) -> np.ndarray:
+        """(N, len(cols)) float32: a few columns of every model, read ``block`` models at a time."""
+        return np.concatenate([self[a:a + block][:, cols] for a in range(0, self.shape[0], block)]).astype(np.float32)
+
+
+def load_outputs(store, rows: np.ndarray | slice, logits: bool = True) -> np.ndarray:
+    """(N, n_train + n_test, C) float16 logits, or with ``logits=False`` (N, n_train + n_test)
+    float32 margins, of the store's models ``rows``: train examples first, then test."""
+    if logits:
+        return np.concatenate([store.read("train_logits", rows), store.read("test_logits", rows)], axis=1)
+    return np.concatenate([store.read("train_margins", rows), store.read("test_margins", rows)], axis=1)
+
+
+@dataclass
+class Attribution:
+    """What the datamodels of the base run give unlearning (all fit on its subset models).
+
+    component_scores: (n_train, k) scores of the train x train margin datamodels on their first
+    principal components (coherent forget sets); contributions: (S, n_all * C) the ridge
+    datamodels' attributed contribution of each forget set to every class logit;
+    ridge choices with their validation MSE; seconds of fitting."""
+
+    forget_sets: list[ForgetSet]
+    component_scores: np.ndarray
+    contributions: np.ndarray
+    margin_ridge: float
+    logit_ridge: float
+    margin_val_mse: list[float]
+    logit_val_mse: list[float]
+    seconds: float
+
+
+def attribute(main_store, u: dict, n_train: int, num_classes: int, device: str = "cpu") -> Attribution:
+    """Fit what unlearning needs from the base run's store (masks, train margins, logits):
+    ridge datamodels of train margins for the principal components that make coherent forget
+    sets, then the forget sets, then each set's contribution to every logit."""
+    t0 = time.perf_counter()
+    masks = main_store.read("masks")
+    train_margins = main_store.read("train_margins")
+    ridges = [float(r) for r in u["ridge_grid"]]
+    margin_ridge, margin_mse = select_ridge(masks, train_margins, ridges, u["val_fraction"], u["seed"], device)
+    weights = ridge_datamodels(masks, train_margins, margin_ridge, device).weight.T  # (targets, train examples)
+    components = max([s.get("component", 1) for s in u["forget_sets"]])
+    scores = datamodel_components(weights, components, u["seed"])
+    sets = make_forget_sets(u["forget_sets"], n_train, u["seed"], scores)
+    logits = StoreLogits(main_store)  # (N, n_all * C), read by blocks of models
+    # the ridge for the logits is chosen on a seeded sample of columns: one solve per ridge on all
+    # of them would cost (n_all * C) / sample times as much and choose the same pooled optimum
+    cols = np.sort(np.random.default_rng([u["seed"], 53]).choice(logits.shape[1], min(2000, logits.shape[1]), replace=False))
+    logit_ridge, logit_mse = select_ridge(masks, logits.columns(cols), ridges, u["val_fraction"], u["seed"], device)
+    contributions = ridge_set_contributions(main_store.group["masks"], logits, indicators(sets, n_train), logit_ridge, device)
+    return Attribution(sets, scores, contributions, margin_ridge, logit_ridge, margin_mse.tolist(), logit_mse.tolist(),
+                       time.perf_counter() - t0)
+
+
+def lasso_check(main_store, attribution: Attribution, problems: Sequence["Problem"], own_logits: torch.Tensor,
+                oracle_logits: dict[str, np.ndarray], num_targets: int, dm: dict, num_classes: int, seed: int) -> dict:
+    """Ridge against the lasso path (``datamodels.*`` settings) on how well each predicts the
+    oracles' change of logits, on up to ``num_targets`` logit columns of the select sets' forget
+    examples: correlation and MSE of predicted against actual mean change, and each fit's
+    seconds per target (the lasso's, extrapolated to every column, is what rules it out)."""
+    masks = main_store.read("masks")
+    logits = StoreLogits(main_store)
+    predicted: dict[str, list[np.ndarray]] = {"ridge": [], "lasso": []}
+    actual, seconds = [], {"ridge": 0.0, "lasso": 0.0}
+    per_set = max(num_classes, num_targets // max(1, len(problems)))
+    for prob in problems:
+        examples = prob.forget.array[:max(1, per_set // num_classes)]
+        cols = logit_columns(examples, num_classes)
+        outputs = logits.columns(cols)
+        t0 = time.perf_counter()
+        ridge = ridge_datamodels(masks, outputs, attribution.logit_ridge)
+        seconds["ridge"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tr, va = split_models(len(masks), 0.1, seed)
+        lasso, _ = fit_datamodels(Moments.from_blocks([(masks[tr], outputs[tr])]), Moments.from_blocks([(masks[va], outputs[va])]),
+                                  num_lambdas=dm["num_lambdas"], eps=dm["eps"], max_iter=dm["max_iter"], tol=dm["tol"], progress=False)
+        seconds["lasso"] += time.perf_counter() - t0
+        for name, model in (("ridge", ridge), ("lasso", lasso)):
+            predicted[name].append(-model.weight[prob.forget.array].sum(0))
+        base_mean = own_logits.double().mean(0).cpu().numpy().reshape(-1)[cols]
+        actual.append(oracle_logits[prob.forget.name].reshape(-1)[cols] - base_mean)
+    targets = sum(len(a) for a in actual)
+    out = compare_attributions({k: np.concatenate(v) for k, v in predicted.items()}, np.concatenate(actual))
+    for name in out:
+        out[name]["seconds_per_target"] = seconds[name] / targets
+    out["targets"] = targets
+    out["all_targets"] = int(logits.shape[1])
+    return out
+
+
+@dataclass
+class Problem:
+    """Everything the methods are judged on for one forget set: the oracles' margins (N, n_all),
+    the independent oracles' margins (N, n_all), OM's targets (n_train, C), the attributed
+    contribution of F to every logit (n_all * C,), and the split indices into (train, test)."""
+
+    forget: ForgetSet
+    oracle_margins: np.ndarray
+    independent_margins: np.ndarray
+    om_targets: torch.Tensor
+    contribution: np.ndarray
+    splits: dict[str, np.ndarray]
+    oracle_accuracy: dict[str, float]
+
+
+def make_problem(forget: ForgetSet, oracle_store, num_models: int, om_oracles: int, contribution: np.ndarray,
+                 labels: np.ndarray, device) -> Problem:
+    """The problem of one forget set; labels: (n_train + n_test,) of the train then test examples."""
+    n_train = oracle_store.group["train_margins"].shape[1]
+    n_test = len(labels) - n_train
+    out = load_outputs(oracle_store, slice(0, 2 * num_models), logits=False)
+    om = load_outputs(oracle_store, np.arange(num_models, num_models + om_oracles))[:, :n_train].astype(np.float32).mean(0)
+    splits = split_indices(n_train, n_test, forget.array)
+    oracle_logits = torch.as_tensor(load_outputs(oracle_store, slice(0, num_models)).astype(np.float32))
+    return Problem(forget, out[:num_models], out[num_models:], torch.as_tensor(om, device=device), contribution, splits,
+                   accuracies(oracle_logits, torch.as_tensor(labels), splits))
+
+
+def score_point(logits: torch.Tensor, y_all: torch.Tensor, oracle_margins: np.ndarray, splits: dict[str, np.ndarray],
+                klom_params: dict) -> tuple[dict, np.ndarray]:
+    """KLoM summary and accuracy per split of one point, and its per-example KLoM (n_all,);
+    NaN throughout for a run that diverged."""
+    if not torch.isfinite(logits).all():
+        nan = {s: {"p95": float("nan"), "p99": float("nan"), "mean": float("nan")} for s in splits}
+        return {"klom": nan, "accuracy": {s: float("nan") for s in splits}, "diverged": True}, np.full(oracle_margins.shape[1], np.nan)
+    values = klom(margins(logits, y_all), oracle_margins, **klom_params)
+    return {"klom": klom_summary(values, splits), "accuracy": accuracies(logits, y_all, splits), "diverged": False}, values
+
+
+def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem],
+                     u: dict, lrs: dict[str, Sequence[float]] | None = None, progress: bool = True) -> dict:
+    """Every fine-tuning method at each of its learning rates (``lrs``, default ``u['lrs']``) and
+    each compute budget of ``u['budgets']`` on each problem, plus do nothing, DM-direct and the floor.
+
+    A budget is fine-tuning compute in epoch-equivalents (examples processed / n_train), so
+    methods are compared at equal compute: each runs ``max(1, round(budget / epoch_cost))`` of its
+    own epochs (OM's epoch over F and 3|F| retain examples is far cheaper than GD's over the
+    whole retain set). Recorded compute is what was actually spent.
+
+    own_logits: (M, n_all, C) the base models' logits; data: ``x_train``, ``y_train``, ``x_all``,
+    ``y_all`` tensors. Returns {set name: {"floor", "do_nothing", "dm_direct": point,
+    "points": [point, ...]}} where a point holds method, lr, budget, epochs, ``finetune_epochs``
+    (epoch-equivalents), KLoM per split and accuracy per split; per-example KLoM and margins
+    are kept under ``"_values"`` for the figures (dropped by :func:`jsonable`)."""
+    settings = settings_from_params(u)
+    lrs = lrs or u["lrs"]
+    kp = u["klom"]
+    budgets = sorted(float(b) for b in u["budgets"])
+    n_train = len(data["y_train"])
+    total = sum(len(v) for v in lrs.values()) * len(problems)
+    bar = progress_bar(total=total, desc="unlearning runs", unit="run", disable=not progress)
+    out = {}
+    for prob in problems:
+        y_all = data["y_all"]
+
+        sets = example_sets(n_train, prob.forget.array, settings)
+
+        def point(logits, method, lr, epochs, budget=0.0):
+            record, values = score_point(logits, y_all, prob.oracle_margins, prob.splits, kp)
+            cost = epochs * epoch_cost(method, sets, n_train) if epochs else 0.0
+            record.update(method=method, lr=lr, budget=budget, epochs=epochs, finetune_epochs=cost)
+            record["_values"] = {"klom": values, "margins": margins(logits, y_all)[:, prob.forget.array] if np.isfinite(values).all() else None}
+            return record
+
+        floor_values = klom(prob.independent_margins, prob.oracle_margins, **kp)
+        predicted = predicted_logits(own_logits, prob.contribution)
+        res = {"floor": {"klom": klom_summary(floor_values, prob.splits), "_values": {"klom": floor_values,
+                                                                                    "margins": prob.oracle_margins[:, prob.forget.array]}},
+               "do_nothing": point(own_logits, "do_nothing", 0.0, 0),
+               "dm_direct": point(predicted, "dm_direct", 0.0, 0), "points": [], "_splits": prob.splits,
+               "oracle_accuracy": prob.oracle_accuracy}
+        targets = {"om": prob.om_targets, "dmm": predicted[:, :n_train]}
+        for method, grid in lrs.items():
+            epochs_of = {b: max(1, round(b / epoch_cost(method, sets, n_train))) for b in budgets}
+            for lr in grid:
+                bar.set_postfix(set=prob.forget.name, method=method, lr=lr)
+                logits = unlearn(models, data["x_train"], data["y_train"], data["x_all"], method, float(lr), list(epochs_of.values()),
+                                 prob.forget.array, settings, targets.get(method))
+                res["points"] += [point(logits[e], method, float(lr), e, b) for b, e in epochs_of.items()]
+                bar.update(1)
+        out[prob.forget.name] = res
+    bar.close()
+    return out
+
+
+def selection_score(point: dict) -> float:
+    """What a setting is chosen by: the worst of its forget, retain and validation 95th-percentile
+    KLoM. Unlearning must move the forget set to the oracles without moving the rest away from
+    them; scored on the forget set alone, a learning rate that wrecks the model can win."""
+    return max(point["klom"][split]["p95"] for split in SPLITS)
+
+
+def selection_scores(results: dict, select_sets: Sequence[str]) -> dict[str, dict[tuple[float, int], float]]:
+    """For each method, the select sets' mean :func:`selection_score` at each (lr, budget)."""
+    scores: dict[str, dict[tuple[float, int], list[float]]] = {}
+    for name in select_sets:
+        for pt in results[name]["points"]:
+            scores.setdefault(pt["method"], {}).setdefault((pt["lr"], pt["budget"]), []).append(selection_score(pt))
+    return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in scores.items()}
+
+
+@dataclass
+class Choice:
+    """Hyperparameters chosen on select sets: per method, the learning rate for each budget
+    (``per_budget[method][budget]``) and the single best (lr, budget) (``best[method]``)."""
+
+    per_budget: dict[str, dict[float, float]]
+    best: dict[str, tuple[float, float] | None]
+
+    @property
+    def learning_rates(self) -> dict[str, list[float]]:
+        """The learning rates a reported set must run: every one chosen for some budget."""
+        return {m: sorted(set(v.values())) for m, v in self.per_budget.items() if v}
+
+
+def choose(results: dict, select_sets: Sequence[ForgetSet]) -> dict[str, Choice]:
+    """A :class:`Choice` per kind of forget set, made on the select sets of that kind (so random
+    sets are reported with settings chosen on a random set, coherent ones on a coherent one)."""
+    out = {}
+    for kind in sorted({fs.kind for fs in select_sets}):
+        scores = selection_scores(results, [fs.name for fs in select_sets if fs.kind == kind])
+        out[kind] = Choice({m: choose_per_budget(sc) for m, sc in scores.items()}, {m: best_setting(sc) for m, sc in scores.items()})
+    return out
+
+
+def choice_for(forget: ForgetSet, choices: dict[str, Choice]) -> Choice:
+    """The choice made on select sets of ``forget``'s kind."""
+    if forget.kind not in choices:
+        raise ParamError(f"unlearning.forget_sets: set {forget.name!r} is of kind {forget.kind!r} but no set of that kind has "
+                         f"select: true; add one, so its hyperparameters are chosen on a set like it")
+    return choices[forget.kind]
+
+
+def chosen_points(result: dict, per_budget: dict[str, dict[float, float]]) -> dict[str, list[dict]]:
+    """For one set's results, each method's points at the learning rate chosen for each budget."""
+    out: dict[str, list[dict]] = {}
+    for pt in result["points"]:
+        if per_budget.get(pt["method"], {}).get(pt["budget"]) == pt["lr"]:
+            out.setdefault(pt["method"], []).append(pt)
+    return {m: sorted(v, key=lambda p: p["budget"]) for m, v in out.items()}
+
+
+def jsonable(obj):
+    """``obj`` without its ``_``-prefixed entries (per-example arrays), with tuple keys as strings."""
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, str) else str(k)): jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, list):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def compare_attributions(predicted_change: dict[str, np.ndarray], actual_change: np.ndarray) -> dict:
+    """How well each attribution's predicted change of logits (T,) matches the oracles' actual
+    mean change (T,): Pearson correlation and mean squared error."""
+    return {name: {"pearson": float(np.corrcoef(p, actual_change)[0, 1]), "mse": float(np.mean((p - actual_change) ** 2))}
+            for name, p in predicted_change.items()}
+
+
+BASELINES = ("gd", "ga", "ascent_descent", "scrub")
+
+
+def _best_point(result: dict, method: str, best: tuple[float, float] | None) -> dict | None:
+    if method in ("do_nothing", "dm_direct"):
+        return result[method]
+    return next((pt for pt in result["points"] if best and pt["method"] == method and (pt["lr"], pt["budget"]) == tuple(best)), None)
+
+
+def summarise(results: dict, choices: dict[str, Choice], extra_compute: dict[str, float]) -> dict:
+    """Figures' series and the headline table of the reported sets.
+
+    ``extra_compute``: epoch-equivalents of training each method needs besides fine-tuning
+    (OM: its oracles; DMM and DM-direct: the subset models their datamodels were fit on,
+    shared by every forget set). Returns curves, floor / ceiling / DM-direct forget KLoM,
+    a table row per set and method at its chosen setting, mean accuracy per split, and per
+    set whether DMM is within reach of OM and below every baseline at no more compute.
+    ``choices``: the :class:`Choice` that applies to each set, by set name."""
+    table, curves, verdict = [], {}, {}
+    floor, ceiling, direct = {}, {}, {}
+    accuracy: dict[str, dict[str, list[float]]] = {}
+    for name, res in results.items():
+        best = choices[name].best
+        chosen = chosen_points(res, choices[name].per_budget)
+        curves[name] = {m: [(pt["finetune_epochs"], pt["klom"]["forget"]["p95"]) for pt in pts] for m, pts in chosen.items()}
+        floor[name] = res["floor"]["klom"]["forget"]["p95"]
+        ceiling[name] = res["do_nothing"]["klom"]["forget"]["p95"]
+        direct[name] = res["dm_direct"]["klom"]["forget"]["p95"]
+        table.append({"set": name, "method": "floor (independent oracles)", **_row(res["floor"]["klom"]), "finetune_epochs": 0.0})
+        for method in ("do_nothing", *FINE_TUNED, "dm_direct"):
+            pt = _best_point(res, method, best.get(method))
+            if pt is None:
+                continue
+            table.append({"set": name, "method": method, "lr": pt["lr"], "budget": pt["budget"], "epochs": pt["epochs"], **_row(pt["klom"]),
+                          "worst_p95": selection_score(pt),
+                          "finetune_epochs": pt["finetune_epochs"], "extra_epochs": extra_compute.get(method, 0.0)})
+            for split, acc in pt["accuracy"].items():
+                accuracy.setdefault(split, {}).setdefault(method, []).append(acc)
+        for split, acc in res["oracle_accuracy"].items():
+            accuracy.setdefault(split, {}).setdefault("oracle", []).append(acc)
+        verdict[name] = {**_verdict(res, chosen, best), **predicted_shift(res)}
+    return {"table": table, "curves": curves, "floor_p95": floor, "ceiling_p95": ceiling, "direct_p95": direct,
+            "accuracy": {s: {m: float(np.mean(v)) for m, v in d.items()} for s, d in accuracy.items()}, "verdict": verdict}
+
+
+def predicted_shift(result: dict) -> dict:
+    """How much of the oracles' shift of the forget examples' mean margins (from the base models')
+    DM-direct predicts: the mean absolute gap to the oracles before and after, and the slope of
+    predicted on actual shift (1 = right size; below 1 the datamodels underestimate it)."""
+    oracle = result["floor"]["_values"]["margins"].mean(0)
+    base = result["do_nothing"]["_values"]["margins"].mean(0)
+    direct = result["dm_direct"]["_values"]["margins"].mean(0)
+    actual = oracle - base
+    slope = float(np.polyfit(actual, direct - base, 1)[0]) if len(actual) > 1 and actual.std() > 0 else float("nan")
+    return {"forget_gap_do_nothing": float(np.abs(actual).mean()), "forget_gap_dm_direct": float(np.abs(oracle - direct).mean()),
+            "predicted_shift_slope": slope}
+
+
+def _row(summary: dict) -> dict:
+    return {f"{split}_{stat}": summary[split][stat] for split in SPLITS for stat in ("p95", "p99", "mean")}
+
+
+def _verdict(res: dict, chosen: dict[str, list[dict]], best: dict) -> dict:
+    """DMM at its chosen setting against OM at its own, and against the best baseline point
+    that used no more fine-tuning compute (the cheapest baseline point when none did)."""
+    dmm, om = _best_point(res, "dmm", best.get("dmm")), _best_point(res, "om", best.get("om"))
+    if dmm is None:
+        return {}
+    budget = dmm["finetune_epochs"]
+    baseline = [pt for m in BASELINES for pt in chosen.get(m, [])]
+    within = [pt for pt in baseline if pt["finetune_epochs"] <= budget] or sorted(baseline, key=lambda pt: pt["finetune_epochs"])[:1]
+    best_base = min(within, key=lambda pt: pt["klom"]["forget"]["p95"]) if within else None
+    out = {"dmm_forget_p95": dmm["klom"]["forget"]["p95"], "dmm_finetune_epochs": budget,
+           "om_forget_p95": om["klom"]["forget"]["p95"] if om else float("nan"),
+           "dm_direct_forget_p95": res["dm_direct"]["klom"]["forget"]["p95"]}
+    if best_base is not None:
+        out.update(best_baseline=best_base["method"], best_baseline_forget_p95=best_base["klom"]["forget"]["p95"],
+                   best_baseline_finetune_epochs=best_base["finetune_epochs"],
+                   dmm_beats_baselines=bool(out["dmm_forget_p95"] < best_base["klom"]["forget"]["p95"]))
+    return out
+
+
+def pooled_distributions(results: dict, choices: dict[str, Choice]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-example KLoM per split, pooled over sets, for the floor, do nothing, each method at
+    its chosen setting and DM-direct: {name: {split: (examples,)}}."""
+    out: dict[str, dict[str, list[np.ndarray]]] = {}
+    for set_name, res in results.items():
+        best = choices[set_name].best
+        entries = {"floor": res["floor"], **{m: _best_point(res, m, best.get(m)) for m in ("do_nothing", *FINE_TUNED, "dm_direct")}}
+        for name, pt in entries.items():
+            if pt is None or not np.isfinite(pt["_values"]["klom"]).all():
+                continue
+            for split, idx in res["_splits"].items():
+                out.setdefault(name, {}).setdefault(split, []).append(pt["_values"]["klom"][idx])
+    return {m: {s: np.concatenate(v) for s, v in d.items()} for m, d in out.items()}
+
+
+def histogram_examples(result: dict, choice: Choice, labels: np.ndarray, forget: ForgetSet, count: int = 3,
+                       methods: Sequence[str] = ("do_nothing", "om", "dmm", "dm_direct")):
+    """The ``count`` forget examples whose margins do nothing moves furthest from the oracles
+    (highest KLoM): the oracles' margins (N, count), each method's at its chosen setting
+    {method: (N, count)}, and panel titles."""
+    forget_klom = result["do_nothing"]["_values"]["klom"][forget.array]
+    pick = np.argsort(-forget_klom, kind="stable")[:count]
+    unlearned = {}
+    for m in methods:
+        pt = _best_point(result, m, choice.best.get(m))
+        if pt is not None and pt["_values"]["margins"] is not None:
+            unlearned[m] = pt["_values"]["margins"][:, pick]
+    titles = [f"train #{forget.array[j]} (label {labels[forget.array[j]]})" for j in pick]
+    return result["floor"]["_values"]["margins"][:, pick], unlearned, titles
+
+
+def extra_compute(om_oracles: int, train_epochs: int, attribution_models: int, alpha: float) -> dict[str, float]:
+    """Epoch-equivalents of training beyond fine-tuning: OM's oracles (``om_oracles`` models of
+    ``train_epochs`` on about the whole training set, per forget set) and the subset models that
+    DMM's and DM-direct's datamodels were fit on (once, for every forget set)."""
+    attribution = float(attribution_models * alpha * train_epochs)
+    return {"om": float(om_oracles * train_epochs), "dmm": attribution, "dm_direct": attribution}
