@@ -298,29 +298,27 @@ def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0
 # factorisation of the masks' Gram matrix; the lasso path above is kept for the margins.
 
 
-def _standardise_masks(masks: np.ndarray, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Z = (X - mu) / sigma (N, n) float64, with mu, sigma (n,) (sigma 1 where an example never varies)."""
-    x = torch.as_tensor(np.asarray(masks, dtype=np.float64), device=device)
-    mu = x.mean(0)
-    sigma = x.std(0, unbiased=False)
-    sigma[sigma < 1e-12] = 1.0
-    return (x - mu) / sigma, mu, sigma
+def _ridge_fits(moments: Moments, ridges: Sequence[float], device: str = "cpu") -> list[Datamodels]:
+    """Ridge datamodels of every target of ``moments`` at each ridge, from one standardisation:
+    minimise ||y - ybar - Z w||^2 / N + ridge ||w||^2 (standardised like the lasso, so a ridge is
+    relative to a unit-variance feature)."""
+    mu, sigma, ybar, gram_np, cross_np = moments.standardised()
+    gram = torch.as_tensor(gram_np, dtype=torch.float64, device=device)
+    cross = torch.as_tensor(cross_np, dtype=torch.float64, device=device)
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=device)
+    fits = []
+    for ridge in ridges:
+        w_std = torch.linalg.solve(gram + ridge * eye, cross).cpu().numpy()
+        weight = w_std / sigma[:, None]
+        fits.append(Datamodels(weight=weight, bias=ybar - mu @ weight, lam=np.full(len(ybar), ridge), weight_std=w_std,
+                               mu=mu, sigma=sigma, ybar=ybar))
+    return fits
 
 
 def ridge_datamodels(masks: np.ndarray, outputs: np.ndarray, ridge: float, device: str = "cpu") -> Datamodels:
-    """Ridge datamodels of every column of ``outputs`` (N, T) on ``masks`` (N, n), in one solve.
-
-    Standardised like the lasso: minimise ||y - ybar - Z w||^2 / N + ridge ||w||^2, so ``ridge``
-    is relative to a unit-variance feature. Returns :class:`Datamodels` (``lam`` = ridge)."""
-    z, mu, sigma = _standardise_masks(masks, device)
-    y = torch.as_tensor(np.asarray(outputs, dtype=np.float64), device=device)
-    ybar = y.mean(0)
-    gram = z.T @ z / len(z)
-    w_std = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=device), z.T @ (y - ybar) / len(z))
-    weight = (w_std / sigma[:, None]).cpu().numpy()
-    mu_np, ybar_np = mu.cpu().numpy(), ybar.cpu().numpy()
-    return Datamodels(weight=weight, bias=ybar_np - mu_np @ weight, lam=np.full(y.shape[1], ridge), weight_std=w_std.cpu().numpy(),
-                      mu=mu_np, sigma=sigma.cpu().numpy(), ybar=ybar_np)
+    """Ridge datamodels of every column of ``outputs`` (N, T) on ``masks`` (N, n), in one solve
+    (``lam`` = ridge); see :func:`_ridge_fits`."""
+    return _ridge_fits(Moments.from_blocks([(masks, outputs)], device), [ridge], device)[0]
 
 
 def select_ridge(masks: np.ndarray, outputs: np.ndarray, ridges: Sequence[float], val_fraction: float, seed: int,
@@ -329,8 +327,8 @@ def select_ridge(masks: np.ndarray, outputs: np.ndarray, ridges: Sequence[float]
     (a seeded ``val_fraction`` of the rows), pooled over the columns of ``outputs`` (N, T).
     Returns (ridge, validation MSE per ridge)."""
     tr, va = split_models(len(masks), val_fraction, seed)
-    mse = np.array([np.mean((ridge_datamodels(masks[tr], outputs[tr], r, device).predict(masks[va]) - outputs[va]) ** 2)
-                    for r in ridges])
+    fits = _ridge_fits(Moments.from_blocks([(masks[tr], outputs[tr])], device), ridges, device)
+    mse = np.array([np.mean((dm.predict(masks[va]) - outputs[va]) ** 2) for dm in fits])
     return float(ridges[int(np.argmin(mse))]), mse
 
 
@@ -346,15 +344,9 @@ def ridge_set_contributions(masks, outputs, sets: np.ndarray, ridge: float, devi
     (S, T), equal to ``sets @ ridge_datamodels(...).weight`` (a test checks it)."""
     num = masks.shape[0]
     rows = [slice(a, min(a + block, num)) for a in range(0, num, block)]
-    sx = sxx = None
-    for r in rows:
-        x = torch.as_tensor(np.asarray(masks[r], dtype=np.float64), device=device)
-        sx = x.sum(0) if sx is None else sx + x.sum(0)
-        sxx = x.T @ x if sxx is None else sxx + x.T @ x
-    mu = sx / num
-    sigma = torch.sqrt(torch.clamp(torch.diagonal(sxx) / num - mu * mu, min=0.0))
-    sigma[sigma < 1e-12] = 1.0
-    gram = (sxx / num - torch.outer(mu, mu)) / torch.outer(sigma, sigma)
+    no_targets = ((masks[r], np.zeros((r.stop - r.start, 0))) for r in rows)  # only the masks' moments are needed
+    mu_np, sigma_np, _, gram_np, _ = Moments.from_blocks(no_targets, device).standardised()
+    mu, sigma, gram = (torch.as_tensor(a, dtype=torch.float64, device=device) for a in (mu_np, sigma_np, gram_np))
     rhs = torch.as_tensor(np.asarray(sets, dtype=np.float64), device=device).T / sigma[:, None]
     g = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=device), rhs)  # (n, S)
     out = torch.zeros((len(sets), outputs.shape[1]), dtype=torch.float64, device=device)

@@ -30,16 +30,16 @@ def _best(m: dict, method: str, **match) -> dict:
     return max(recs, key=lambda r: r["lds"])
 
 
-def _forget_klom(m: dict, method: str) -> float:
-    """Mean over the reported forget sets of a method's forget-set 95th-percentile KLoM at its chosen setting."""
-    vals = [r["forget_p95"] for r in m["table"] if r["method"].split(" ")[0] == method]
+def _mean_p95(m: dict, method: str, split: str = "forget") -> float:
+    """Mean over the reported forget sets of a method's 95th-percentile KLoM on ``split`` at its chosen setting."""
+    vals = [r[f"{split}_p95"] for r in m["table"] if r["method"].split(" ")[0] == method]
     return sum(vals) / len(vals)
 
 
 def _unlearning_line(m: dict) -> str:
     names = {"floor": "floor", "do_nothing": "do nothing", "gd": "GD", "ga": "GA", "ascent_descent": "ascent-descent",
              "scrub": "SCRUB", "om": "OM", "dmm": "DMM", "dm_direct": "DM-direct"}
-    return "forget-set KLoM p95, mean over reported sets: " + ", ".join(f"{v} {_forget_klom(m, k):.2f}" for k, v in names.items())
+    return "forget-set KLoM p95, mean over reported sets: " + ", ".join(f"{v} {_mean_p95(m, k):.2f}" for k, v in names.items())
 
 
 def _trak_at(m: dict, models_used: int) -> float:
@@ -130,8 +130,7 @@ FIGURES = [
     ("unlearning", "klom_distributions.png", "Per-example KLoM on the forget, retain and validation examples, each method at its chosen setting.",
      "Attribute-to-Delete paper, KLoM per split",
      lambda m: "retain KLoM p95, mean over sets: " + ", ".join(
-         f"{k} {sum(r['retain_p95'] for r in m['table'] if r['method'].split(' ')[0] == k) / len(m['verdict']):.2f}"
-         for k in ("floor", "do_nothing", "om", "dmm", "dm_direct")), []),
+         f"{k} {_mean_p95(m, k, 'retain'):.2f}" for k in ("floor", "do_nothing", "om", "dmm", "dm_direct")), []),
     ("unlearning", "margin_histograms.png", "Margins over models of a few forget examples: oracles against unlearned models.",
      "Attribute-to-Delete paper, margin distributions", lambda m: "", []),
     ("unlearning", "accuracy.png", "Accuracy on forget, retain and validation examples of each method and of the oracles.",
@@ -201,7 +200,7 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
     if "unlearning" in m:
         u = m["unlearning"]
         rows += [{"metric": "unlearning: forget-set KLoM p95 (OM / DMM / DM-direct / do nothing / floor)",
-                  "value": " / ".join(f"{_forget_klom(u, k):.2f}" for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")),
+                  "value": " / ".join(f"{_mean_p95(u, k):.2f}" for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")),
                   "params": f"N = {u['num_models']} models, {len(u['verdict'])} reported forget sets, {u['direction']}"}]
     return rows
 
@@ -222,7 +221,7 @@ def headline_values(reports_dir) -> dict[str, float]:
         out["modeldiff_planted_auroc"] = d["planted"]["recovery_by_direction"][d["planted"]["best_direction"] - 1]["auroc"]
         out["modeldiff_control_ratio"] = d["control"]["largest_variance_ratio"]
     if "unlearning" in m:
-        out.update({f"unlearning_forget_klom_{k}": _forget_klom(m["unlearning"], k) for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")})
+        out.update({f"unlearning_forget_klom_{k}": _mean_p95(m["unlearning"], k) for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")})
     return {k: round(float(v), 4) for k, v in out.items()}
 
 

@@ -120,10 +120,13 @@ def lasso_check(main_store, attribution: Attribution, problems: Sequence["Proble
     predicted: dict[str, list[np.ndarray]] = {"ridge": [], "lasso": []}
     actual, seconds = [], {"ridge": 0.0, "lasso": 0.0}
     per_set = max(num_classes, num_targets // max(1, len(problems)))
-    for prob in problems:
-        examples = prob.forget.array[:max(1, per_set // num_classes)]
-        cols = logit_columns(examples, num_classes)
-        outputs = logits.columns(cols)
+    cols_of = [logit_columns(prob.forget.array[:max(1, per_set // num_classes)], num_classes) for prob in problems]
+    every = logits.columns(np.concatenate(cols_of))  # one pass over the store for every set's columns
+    base_mean = own_logits.double().mean(0).cpu().numpy().reshape(-1)
+    start = 0
+    for prob, cols in zip(problems, cols_of):
+        outputs = every[:, start:start + len(cols)]
+        start += len(cols)
         t0 = time.perf_counter()
         ridge = ridge_datamodels(masks, outputs, attribution.logit_ridge)
         seconds["ridge"] += time.perf_counter() - t0
@@ -134,8 +137,7 @@ def lasso_check(main_store, attribution: Attribution, problems: Sequence["Proble
         seconds["lasso"] += time.perf_counter() - t0
         for name, model in (("ridge", ridge), ("lasso", lasso)):
             predicted[name].append(-model.weight[prob.forget.array].sum(0))
-        base_mean = own_logits.double().mean(0).cpu().numpy().reshape(-1)[cols]
-        actual.append(oracle_logits[prob.forget.name].reshape(-1)[cols] - base_mean)
+        actual.append(oracle_logits[prob.forget.name].reshape(-1)[cols] - base_mean[cols])
     targets = sum(len(a) for a in actual)
     out = compare_attributions({k: np.concatenate(v) for k, v in predicted.items()}, np.concatenate(actual))
     for name in out:
@@ -166,22 +168,25 @@ def make_problem(forget: ForgetSet, oracle_store, num_models: int, om_oracles: i
     n_train = oracle_store.group["train_margins"].shape[1]
     n_test = len(labels) - n_train
     out = load_outputs(oracle_store, slice(0, 2 * num_models), logits=False)
-    om = load_outputs(oracle_store, np.arange(num_models, num_models + om_oracles))[:, :n_train].astype(np.float32).mean(0)
+    logits = load_outputs(oracle_store, slice(0, num_models + om_oracles)).astype(np.float32)  # oracles, then OM's
+    om = logits[num_models:, :n_train].mean(0)
     splits = split_indices(n_train, n_test, forget.array)
-    oracle_logits = torch.as_tensor(load_outputs(oracle_store, slice(0, num_models)).astype(np.float32))
     return Problem(forget, out[:num_models], out[num_models:], torch.as_tensor(om, device=device), contribution, splits,
-                   accuracies(oracle_logits, torch.as_tensor(labels), splits))
+                   accuracies(torch.as_tensor(logits[:num_models]), torch.as_tensor(labels), splits))
 
 
 def score_point(logits: torch.Tensor, y_all: torch.Tensor, oracle_margins: np.ndarray, splits: dict[str, np.ndarray],
-                klom_params: dict) -> tuple[dict, np.ndarray]:
-    """KLoM summary and accuracy per split of one point, and its per-example KLoM (n_all,);
-    NaN throughout for a run that diverged."""
+                klom_params: dict) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """KLoM summary and accuracy per split of one point, its per-example KLoM (n_all,) and its
+    margins (M, n_all); NaN throughout (and no margins) for a run that diverged."""
     if not torch.isfinite(logits).all():
         nan = {s: {"p95": float("nan"), "p99": float("nan"), "mean": float("nan")} for s in splits}
-        return {"klom": nan, "accuracy": {s: float("nan") for s in splits}, "diverged": True}, np.full(oracle_margins.shape[1], np.nan)
-    values = klom(margins(logits, y_all), oracle_margins, **klom_params)
-    return {"klom": klom_summary(values, splits), "accuracy": accuracies(logits, y_all, splits), "diverged": False}, values
+        return ({"klom": nan, "accuracy": {s: float("nan") for s in splits}, "diverged": True},
+                np.full(oracle_margins.shape[1], np.nan), None)
+    unlearned = margins(logits, y_all)
+    values = klom(unlearned, oracle_margins, **klom_params)
+    return ({"klom": klom_summary(values, splits), "accuracy": accuracies(logits, y_all, splits), "diverged": False}, values,
+            unlearned)
 
 
 def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem],
@@ -208,15 +213,13 @@ def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data
     bar = progress_bar(total=total, desc="unlearning runs", unit="run", disable=not progress)
     out = {}
     for prob in problems:
-        y_all = data["y_all"]
-
         sets = example_sets(n_train, prob.forget.array, settings)
 
         def point(logits, method, lr, epochs, budget=0.0):
-            record, values = score_point(logits, y_all, prob.oracle_margins, prob.splits, kp)
+            record, values, unlearned = score_point(logits, data["y_all"], prob.oracle_margins, prob.splits, kp)
             cost = epochs * epoch_cost(method, sets, n_train) if epochs else 0.0
             record.update(method=method, lr=lr, budget=budget, epochs=epochs, finetune_epochs=cost)
-            record["_values"] = {"klom": values, "margins": margins(logits, y_all)[:, prob.forget.array] if np.isfinite(values).all() else None}
+            record["_values"] = {"klom": values, "margins": None if unlearned is None else unlearned[:, prob.forget.array]}
             return record
 
         floor_values = klom(prob.independent_margins, prob.oracle_margins, **kp)
