@@ -21,7 +21,7 @@ venv: $(STAMP)
 # Papermill and the notebooks' kernel must come from the venv, also under DVC.
 # A bad value anywhere in params.yaml stops here, in one line, before any stage starts.
 repro: $(STAMP)
-	@$(BIN)/python -m datalens.config params.yaml
+	@$(BIN)/python -m datalens.core.config params.yaml
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
 
 # The report is tested in a real browser: Debian's chromium, headless, installed here when missing.

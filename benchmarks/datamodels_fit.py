@@ -27,9 +27,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import Lasso, lasso_path
 
 from _common import ROOT, write_result
-from datalens.config import resolve_location, stage_params
-from datalens.datamodels import Moments, fit_datamodels, lambda_grid, split_models, store_blocks
-from datalens.store import open_existing
+from datalens.core.config import resolve_location, stage_params
+from datalens.attribution.datamodels import Moments, fit_datamodels, lambda_grid, split_models, store_blocks
+from datalens.core.store import open_existing
 
 
 def standardise(x):
@@ -75,8 +75,8 @@ def main() -> None:
     store = open_existing(resolve_location(p, p["train"]["store"]))
     done = np.flatnonzero(store.completed())
     tr, va = split_models(len(done), d["val_fraction"], p["train"]["seed"])
-    x_tr, y_tr = store.read("masks", done[tr]).astype(np.float64), store.read("test_margins", done[tr]).astype(np.float64)
-    x_va, y_va = store.read("masks", done[va]).astype(np.float64), store.read("test_margins", done[va]).astype(np.float64)
+    x_tr, y_tr = store.read("masks", done[tr]).astype(np.float64), store.read("test_outputs", done[tr]).astype(np.float64)
+    x_va, y_va = store.read("masks", done[va]).astype(np.float64), store.read("test_outputs", done[va]).astype(np.float64)
     solver = dict(num_lambdas=d["num_lambdas"], eps=d["eps"], max_iter=d["max_iter"], tol=d["tol"], progress=False)
 
     def ours():

@@ -13,10 +13,10 @@ from dataclasses import replace
 import numpy as np
 
 from _common import ROOT, write_result
-from datalens.config import stage_params
-from datalens.execution import LocalExecutor, RayExecutor
-from datalens.runs import SubsetRun, train_subset_models
-from datalens.store import open_existing
+from datalens.core.config import stage_params
+from datalens.core.execution import LocalExecutor, RayExecutor
+from datalens.training.runs import SubsetRun, train_subset_models
+from datalens.core.store import open_existing
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
         ray_store = train_subset_models(replace(base, store=f"{tmp}/ray.zarr"), executor=executor, progress=False)
         t_ray = time.perf_counter() - t0
         local_store = open_existing(f"{tmp}/local.zarr")
-        diff = float(np.abs(local_store.read("test_margins") - ray_store.read("test_margins")).max())
+        diff = float(np.abs(local_store.read("test_outputs") - ray_store.read("test_outputs")).max())
     write_result("scaling", {
         "ours": args.models / t_ray, "baseline": args.models / t_local, "ratio": t_local / t_ray,
         "unit": "models/s (ours = ray with 2 one-CPU workers, baseline = local in-process)",

@@ -17,9 +17,9 @@ from dataclasses import replace
 import numpy as np
 
 from _common import ROOT, write_result
-from datalens.config import stage_params
-from datalens.evaluation import seed_agreement
-from datalens.runs import SubsetRun, train_range
+from datalens.core.config import stage_params
+from datalens.evaluation.metrics import seed_agreement
+from datalens.training.runs import SubsetRun, train_range
 
 
 def main() -> None:
@@ -36,8 +36,8 @@ def main() -> None:
         t0 = time.perf_counter()
         res = train_range(run, 0, n)
         seconds = time.perf_counter() - t0
-        m = res["test_margins"]
-        out[precision] = {"models_per_second": n / seconds, "test_accuracy": float(res["test_accuracy"].mean()),
+        m = res["test_outputs"]
+        out[precision] = {"models_per_second": n / seconds, "test_metric": float(res["test_metric"].mean()),
                           "seed_agreement": seed_agreement(m[0::2], m[1::2]), "margins": m}
     a, b = out["float32"].pop("margins"), out["bfloat16"].pop("margins")
     write_result("train_precision", {

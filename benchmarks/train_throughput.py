@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from _common import ROOT, write_result
-from datalens.config import stage_params
-from datalens.engine import init_models
-from datalens.outputs import margins_from_logits
-from datalens.runs import SubsetRun, train_range
+from datalens.core.config import stage_params
+from datalens.training.engine import init_models
+from datalens.tasks.classification import margins_from_logits
+from datalens.training.runs import SubsetRun, train_range
 
 
 def naive_loop(run: SubsetRun, masks: np.ndarray, seeds: list[int], autocast: bool = False) -> tuple[np.ndarray, float]:
@@ -70,7 +70,7 @@ def main() -> None:
     ours, t_ours, ours_times = timed(lambda: train_range(run, 0, args.models))
     masks, seeds = ours["masks"], run.model_seeds(0, args.models)
     (base, acc_base), t_base, base_times = timed(lambda: naive_loop(run, masks, seeds))
-    acc_ours = float(ours["test_accuracy"].mean())
+    acc_ours = float(ours["test_metric"].mean())
     autocast = {}
     if run.settings.precision == "bfloat16":
         (_, acc_auto), t_auto, _ = timed(lambda: naive_loop(run, masks, seeds, autocast=True))
@@ -82,7 +82,7 @@ def main() -> None:
         "ours_seconds_each": ours_times, "baseline_seconds_each": base_times,
         "ours_test_accuracy": acc_ours, "baseline_test_accuracy": acc_base,
         **autocast,
-        "max_abs_margin_difference": float(np.abs(ours["test_margins"] - base).max()),
+        "max_abs_margin_difference": float(np.abs(ours["test_outputs"] - base).max()),
         "settings": {"models": args.models, "repeats": args.repeats, "stack_size": run.stack_size, "model": run.model, **run.model_kwargs, "epochs": run.settings.epochs,
                      "lr": run.settings.lr, "weight_decay": run.settings.weight_decay, "alpha": run.alpha,
                      "precision": run.settings.precision, "baseline_precision": "float32"},

@@ -29,17 +29,20 @@ import torch
 from trak import TRAKer  # the reference, imported outside the timed region
 
 from _common import ROOT, write_result
-from datalens import trak
-from datalens.config import resolve_location, stage_params
-from datalens.evaluation import heldout_arrays, linear_datamodeling_score
-from datalens.outputs import per_example_gradients
-from datalens.projection import Projector
-from datalens.runs import SubsetRun
-from datalens.store import open_existing
+from datalens.attribution import trak
+from datalens.core.config import resolve_location, stage_params
+from datalens.evaluation.metrics import heldout_arrays, linear_datamodeling_score
+from datalens.tasks.classification import ClassificationTask
+from datalens.tasks.gradients import per_example_gradients
+from datalens.attribution.projection import Projector
+from datalens.training.runs import SubsetRun
+from datalens.core.store import open_existing
+
+TASK = ClassificationTask()
 
 
 def ours(models, ds, k, ridge, seed):
-    feats = [trak.featurize(m, *ds.tensors(), k, seed, i) for i, m in enumerate(models)]
+    feats = [trak.featurize(TASK, m, *ds.tensors(), k, seed, i) for i, m in enumerate(models)]
     return trak.trak_scores(feats, ridge)
 
 
@@ -76,7 +79,7 @@ def main() -> None:
     models = [run.load_checkpoint(store, m) for m in range(args.models)]
     x_tr, y_tr, _, _ = ds.tensors()
     d = sum(q.numel() for q in models[0].parameters())
-    sq_norm = np.mean([float((per_example_gradients(m, x_tr, y_tr).double() ** 2).sum()) for m in models])
+    sq_norm = np.mean([float((per_example_gradients(m, x_tr, y_tr, TASK).double() ** 2).sum()) for m in models])
     # warm up both sides at the timed shapes (first-use costs: kernels, allocations, traker's setup)
     ours(models[:1], ds, args.proj_dim, args.ridge, p["train"]["seed"] + 1)
     reference(models[:1], ds, args.proj_dim, args.ridge * sq_norm / d, p["train"]["seed"] + 1)
@@ -87,7 +90,7 @@ def main() -> None:
     s_ref = reference(models, ds, args.proj_dim, args.ridge * sq_norm / d, p["train"]["seed"])
     t_ref = time.perf_counter() - t0
     # how exact our projection is (on CPUs with VNNI it takes the int8 route), vs a float32 GEMM
-    g = per_example_gradients(models[0], x_tr, y_tr)
+    g = per_example_gradients(models[0], x_tr, y_tr, TASK)
     proj = Projector(d, args.proj_dim, p["train"]["seed"], 0)
     exact = g.double() @ proj.matrix().double()
     rel_error = lambda out: float((out.double() - exact).norm() / exact.norm())  # noqa: E731

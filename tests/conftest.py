@@ -15,8 +15,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def tiny_run(store: Path | str, **changes):
     """A small digits run: 12 models in blocks of 4, a 16-unit MLP, 5 full-batch epochs, CPU."""
-    from datalens.engine import TrainSettings
-    from datalens.runs import SubsetRun
+    from datalens.training.engine import TrainSettings
+    from datalens.training.runs import SubsetRun
 
     run = SubsetRun(
         dataset="digits", data_root=str(ROOT / "data"), model="mlp", model_kwargs={"hidden": [16]},

@@ -3,7 +3,7 @@ import os
 import signal
 from pathlib import Path
 
-from datalens.runs import train_block
+from datalens.training.runs import train_block
 
 
 def die_once_then_train(marker: str, run, block: int):

@@ -8,8 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_run  # noqa: E402
 
-import datalens.store as st  # noqa: E402
-from datalens.runs import train_subset_models  # noqa: E402
+import datalens.core.store as st  # noqa: E402
+from datalens.training.runs import train_subset_models  # noqa: E402
 
 store_url, log, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 kill_block = int(os.environ.get("KILL_BLOCK", "-1"))

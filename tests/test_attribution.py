@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datalens.attribution import (
+from datalens.attribution.baselines import (
     ekfac_influence, empirical_influence, grad_cosine, grad_dot, influence_cg, influence_explicit, last_layer_params,
     penultimate_features, representation_similarity, tracin,
 )
-from datalens.models import build_model
-from datalens.outputs import margins_from_logits
+from datalens.core.models import build_model
+from datalens.tasks.classification import ClassificationTask, margins_from_logits
+
+TASK = ClassificationTask()
 
 
 def _tiny(seed=0):
@@ -35,13 +37,13 @@ def _direct_vectors(model, x_tr, y_tr, x_t, y_t):
 def test_grad_dot_cosine_and_tracin_match_direct_loops():
     model, x_tr, y_tr, x_t, y_t = _tiny()
     helpful, target = _direct_vectors(model, x_tr, y_tr, x_t, y_t)
-    np.testing.assert_allclose(grad_dot(model, x_tr, y_tr, x_t, y_t), (helpful @ target.T).numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(grad_dot(TASK, model, x_tr, y_tr, x_t, y_t), (helpful @ target.T).numpy(), rtol=1e-8, atol=1e-12)
     cos = (F.normalize(helpful, dim=1) @ F.normalize(target, dim=1).T).numpy()
-    np.testing.assert_allclose(grad_cosine(model, x_tr, y_tr, x_t, y_t), cos, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(grad_cosine(TASK, model, x_tr, y_tr, x_t, y_t), cos, rtol=1e-8, atol=1e-12)
     other = _tiny(seed=1)[0]
     h2, t2 = _direct_vectors(other, x_tr, y_tr, x_t, y_t)
     expected = 0.5 * (helpful @ target.T) + 0.1 * (h2 @ t2.T)
-    np.testing.assert_allclose(tracin([model, other], [0.5, 0.1], x_tr, y_tr, x_t, y_t), expected.numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(tracin(TASK, [model, other], [0.5, 0.1], x_tr, y_tr, x_t, y_t), expected.numpy(), rtol=1e-8, atol=1e-12)
 
 
 def test_influence_explicit_and_cg_match_the_inverse_hessian_formula():
@@ -61,15 +63,15 @@ def test_influence_explicit_and_cg_match_the_inverse_hessian_formula():
     helpful, target = _direct_vectors(model, x_tr, y_tr, x_t, y_t)
     damping = 0.05
     expected = helpful.numpy() @ np.linalg.inv(hess + damping * np.eye(len(hess))) @ target.numpy().T
-    np.testing.assert_allclose(influence_explicit(model, x_tr, y_tr, mask, x_t, y_t, damping), expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(influence_explicit(TASK, model, x_tr, y_tr, mask, x_t, y_t, damping), expected, rtol=1e-6, atol=1e-9)
     lowest = np.linalg.eigvalsh(hess).min()
     damping_pd = max(0.0, -lowest) + 0.05  # CG needs a positive definite system
     expected_pd = helpful.numpy() @ np.linalg.inv(hess + damping_pd * np.eye(len(hess))) @ target.numpy().T
-    np.testing.assert_allclose(influence_cg(model, x_tr, y_tr, mask, x_t, y_t, damping_pd, iters=300, tol=1e-12), expected_pd,
+    np.testing.assert_allclose(influence_cg(TASK, model, x_tr, y_tr, mask, x_t, y_t, damping_pd, iters=300, tol=1e-12), expected_pd,
                                rtol=1e-5, atol=1e-7)
     if lowest + damping < 0:
         with pytest.raises(ValueError, match="not positive definite"):
-            influence_cg(model, x_tr, y_tr, mask, x_t, y_t, damping)
+            influence_cg(TASK, model, x_tr, y_tr, mask, x_t, y_t, damping)
 
 
 def test_representation_similarity_is_cosine_of_penultimate_features():
@@ -92,8 +94,8 @@ def test_influence_functions_leave_the_callers_model_as_it_was():
     model, x_tr, y_tr, x_t, y_t = _tiny()
     model = model.float()
     mask = np.ones(20, bool)
-    influence_explicit(model, x_tr.float(), y_tr, mask, x_t.float(), y_t, 1.0)
-    influence_cg(model, x_tr.float(), y_tr, mask, x_t.float(), y_t, 1.0, iters=5)
+    influence_explicit(TASK, model, x_tr.float(), y_tr, mask, x_t.float(), y_t, 1.0)
+    influence_cg(TASK, model, x_tr.float(), y_tr, mask, x_t.float(), y_t, 1.0, iters=5)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -115,13 +117,13 @@ def test_ekfac_with_large_damping_is_grad_dot_over_the_damping():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    scores = ekfac_influence(model, x[:30], y[:30], x[30:], y[30:], [1e6, 1e-3])
-    np.testing.assert_allclose(scores[1e6] * 1e6, grad_dot(model, x[:30], y[:30], x[30:], y[30:]), rtol=1e-4, atol=1e-6)
+    scores = ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e6, 1e-3])
+    np.testing.assert_allclose(scores[1e6] * 1e6, grad_dot(TASK, model, x[:30], y[:30], x[30:], y[30:]), rtol=1e-4, atol=1e-6)
     # at small damping the curvature matters: the scores are no longer a multiple of grad-dot
-    gd = grad_dot(model, x[:30], y[:30], x[30:], y[30:]).ravel()
+    gd = grad_dot(TASK, model, x[:30], y[:30], x[30:], y[30:]).ravel()
     assert abs(np.corrcoef(scores[1e-3].ravel(), gd)[0, 1]) < 0.99
     assert all(p.dtype == torch.float32 for p in model.parameters()) and not hasattr(model[1], "original_module")
     # the Fisher's sampled labels are seeded: the same seed gives the same scores, another seed others
-    again = ekfac_influence(model, x[:30], y[:30], x[30:], y[30:], [1e-3])[1e-3]
+    again = ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e-3])[1e-3]
     np.testing.assert_array_equal(again, scores[1e-3])
-    assert not np.array_equal(ekfac_influence(model, x[:30], y[:30], x[30:], y[30:], [1e-3], seed=1)[1e-3], again)
+    assert not np.array_equal(ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e-3], seed=1)[1e-3], again)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from datalens.comparison import Comparison, Ground, overtaking_point
+from datalens.applications.comparison import Comparison, Ground, overtaking_point
 
 
 def _cmp(selection=7):

@@ -2,10 +2,10 @@
 "training" is exact: a model's margin is a known linear function of its training set."""
 import numpy as np
 
-from datalens.counterfactuals import (
+from datalens.applications.counterfactuals import (
     agreement_by_kind, brittleness, counterfactual_removals, flipped_fraction, support_size, verify_support,
 )
-from datalens.datamodels import Moments, fit_datamodels
+from datalens.attribution.datamodels import Moments, fit_datamodels
 
 rng = np.random.default_rng(0)
 N_TRAIN, TARGETS = 30, 5

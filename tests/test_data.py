@@ -5,7 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from datalens.data import CIFAR_FETCH_COMMAND, load_cifar, load_dataset, load_digits
+from datalens.core.data import CIFAR_FETCH_COMMAND, load_cifar, load_dataset, load_digits
 
 
 def test_digits_split_is_fixed_stratified_and_standardised():

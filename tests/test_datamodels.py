@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso
 
-from datalens.datamodels import Datamodels, Moments, fit_datamodels, lasso_fista, load_fits, save_fits
+from datalens.attribution.datamodels import Datamodels, Moments, fit_datamodels, lasso_fista, load_fits, save_fits
 
 
 def _planted(n_models=1200, n=60, targets=4, k=5, noise=0.1, seed=0):
@@ -98,7 +98,7 @@ def _ill_conditioned(n=60, t=3, seed=0):
 
 
 def test_fista_restarts_when_the_objective_rises_and_never_increases_it():
-    from datalens.datamodels import lasso_objective
+    from datalens.attribution.datamodels import lasso_objective
     gram, cross = _ill_conditioned()
     lam = torch.full((3,), 1e-4, dtype=torch.float64)
     w, info = lasso_fista(gram, cross, lam, max_iter=3000, tol=1e-12, return_info=True)

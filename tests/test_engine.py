@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from datalens.data import load_digits
-from datalens.models import build_model
-from datalens.engine import NonFiniteLossError, TrainSettings, flatten_state, init_models, train_models, unflatten_state
-from datalens.outputs import margins_from_logits
-from datalens.sampling import model_seed, subset_masks
+from datalens.core.data import load_digits
+from datalens.core.models import build_model
+from datalens.training.engine import NonFiniteLossError, TrainSettings, flatten_state, init_models, train_models, unflatten_state
+from datalens.tasks.classification import ClassificationTask, margins_from_logits
+from datalens.core.sampling import model_seed, subset_masks
+
+TASK = ClassificationTask()
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def _both_paths(digits, model_name, kwargs, settings, m=5):
     factory = lambda: build_model(model_name, ds.input_shape, ds.num_classes, **kwargs)  # noqa: E731
     out = []
     for batched in (True, False):
-        trained = train_models(init_models(factory, seeds), x, y, masks, seeds, settings, batched=batched)
-        out.append(margins_from_logits(trained.logits(xt), yt).numpy())
+        trained = train_models(TASK, init_models(factory, seeds), x, y, masks, seeds, settings, batched=batched)
+        out.append(margins_from_logits(trained.outputs(TASK, xt, yt), yt).numpy())
     return out
 
 
@@ -65,9 +67,9 @@ def test_bfloat16_training_agrees_with_float32(digits):
     out = {}
     for precision in ("float32", "bfloat16"):
         settings = TrainSettings(epochs=30, lr=1e-2, weight_decay=1e-3, precision=precision)
-        trained = train_models(init_models(factory, seeds), x, y, masks, seeds, settings)
+        trained = train_models(TASK, init_models(factory, seeds), x, y, masks, seeds, settings)
         assert all(p.dtype == torch.float32 for p in trained.params.values())
-        logits = trained.logits(xt)
+        logits = trained.outputs(TASK, xt, yt)
         out[precision] = (margins_from_logits(logits, yt).numpy(), (logits.argmax(-1) == yt).float().mean().item())
     (m32, acc32), (m16, acc16) = out["float32"], out["bfloat16"]
     assert abs(acc32 - acc16) < 0.01
@@ -88,7 +90,7 @@ def test_nan_loss_is_reported_with_model_ids(digits):
     masks = subset_masks(0, range(2), ds.n_train, 0.5)
     models = init_models(lambda: build_model("mlp", ds.input_shape, 10, hidden=[8]), [1, 2])
     with pytest.raises(NonFiniteLossError, match=r"models \[7, 8\].*train.lr"):
-        train_models(models, x, y, masks, [1, 2], TrainSettings(epochs=3, lr=1e30), model_ids=[7, 8])
+        train_models(TASK, models, x, y, masks, [1, 2], TrainSettings(epochs=3, lr=1e30), model_ids=[7, 8])
 
 
 def test_checkpoint_round_trip_restores_the_model(digits):
@@ -102,7 +104,7 @@ def test_checkpoint_round_trip_restores_the_model(digits):
 
 
 def test_augmentation_is_pad_crop_and_flip_per_image():
-    from datalens.engine import augment
+    from datalens.training.engine import augment
     x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
     gen = torch.Generator().manual_seed(0)
     out = augment(x, gen)
@@ -128,9 +130,9 @@ def test_a_model_trains_the_same_in_any_grouping_with_minibatches_and_augmentati
     factory = lambda: build_model("cnn", (1, 8, 8), ds.num_classes, width=4)  # noqa: E731
 
     def margins(ids, stack_size):
-        trained = train_models(init_models(factory, [seeds[i] for i in ids]), x4, y, masks[ids], [seeds[i] for i in ids],
+        trained = train_models(TASK, init_models(factory, [seeds[i] for i in ids]), x4, y, masks[ids], [seeds[i] for i in ids],
                                settings, stack_size=stack_size)
-        return margins_from_logits(trained.logits(xt4), yt).numpy()
+        return margins_from_logits(trained.outputs(TASK, xt4, yt), yt).numpy()
 
     together = margins([0, 1, 2, 3, 4, 5], stack_size=6)
     # model 4 alone, and in a different stack with other company, in another order

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from datalens.evaluation import columnwise_pearson, linear_datamodeling_score, seed_agreement
+from datalens.evaluation.metrics import columnwise_pearson, linear_datamodeling_score, seed_agreement
 
 
 def _problem(seed=0, m=60, n=30, t=8):

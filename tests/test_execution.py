@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_run
-from datalens.execution import BlockJobError, RayExecutor, make_executor
-from datalens.store import open_existing
-from datalens.engine import TrainSettings
-from datalens.runs import prepare_store, train_subset_models
+from datalens.core.execution import BlockJobError, RayExecutor, make_executor
+from datalens.core.store import open_existing
+from datalens.training.engine import TrainSettings
+from datalens.training.runs import prepare_store, train_subset_models
 
 TESTS = Path(__file__).parent
 
@@ -31,7 +31,7 @@ def ray_instance():
 def _assert_equal_stores(a, b):
     assert a.completed().all() and b.completed().all()
     np.testing.assert_array_equal(a.read("masks"), b.read("masks"))
-    for name in ("test_margins", "train_margins"):
+    for name in ("test_outputs", "train_outputs"):
         np.testing.assert_allclose(a.read(name), b.read(name), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a.checkpoint(1), b.checkpoint(1), rtol=1e-5, atol=1e-5)
 
@@ -87,7 +87,7 @@ def test_driver_killed_mid_stage_then_rerun_trains_only_the_missing_models(tmp_p
     time.sleep(2)  # the driver's Ray instance notices its owner is gone and stops its workers
     partial = open_existing(str(store_url)).completed()
 
-    import datalens.runs as tr
+    import datalens.training.runs as tr
     trained = []
     real = tr.train_block
     monkeypatch.setattr(tr, "train_block", lambda r, b: trained.append(b) or real(r, b))
@@ -98,5 +98,5 @@ def test_driver_killed_mid_stage_then_rerun_trains_only_the_missing_models(tmp_p
     assert set(trained) | done_before == set(range(6))
     assert store.completed().all()
     reference = train_subset_models(replace(run, store=str(tmp_path / "ref.zarr")), progress=False)
-    for name in ("masks", "test_margins"):
+    for name in ("masks", "test_outputs"):
         np.testing.assert_allclose(store.read(name), reference.read(name), rtol=1e-5, atol=1e-5)

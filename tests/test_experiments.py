@@ -2,16 +2,11 @@
 project, and a bad value through plain `dvc repro`: one line naming the key, a non-zero exit
 before any stage runs, and every result already computed left in place."""
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from datalens.config import set_dotted
+from dvc_project import make_project, sh
 
 TINY = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8, "train.num_models": 60,
         "train.block_size": 30, "train.num_checkpoints": 4, "attribution.selection_models": 20, "datamodels.model_counts": [50],
@@ -19,12 +14,7 @@ TINY = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_s
         "modeldiff.num_models": 20, "modeldiff.num_checkpoints": 2, "modeldiff.trak_models": 2}
 
 
-def _sh(args, cwd, check=True):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and out.returncode:
-        raise AssertionError(f"{args} failed:\n{out.stdout}\n{out.stderr}")
-    return out
+
 
 
 def _metrics_of(node, found):
@@ -43,23 +33,16 @@ def _metrics_of(node, found):
 @pytest.mark.slow
 def test_dvc_experiments_and_a_bad_param_through_plain_dvc_repro(root, tmp_path):
     proj = tmp_path / "proj"
-    proj.mkdir()
-    shutil.copy(root / "dvc.yaml", proj / "dvc.yaml")
-    for name in ("src", "notebooks", "docs"):
-        (proj / name).symlink_to(root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in TINY.items():
-        set_dotted(params, key, value)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = make_project(root, proj, TINY)
     (proj / ".gitignore").write_text("stores/\n")
-    _sh(["git", "init", "-q"], proj)
-    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], proj)
-    _sh(["dvc", "init", "-q"], proj)
-    _sh(["git", "add", "-A"], proj)
-    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny project"], proj)
+    sh(["git", "init", "-q"], proj)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], proj)
+    sh(["dvc", "init", "-q"], proj)
+    sh(["git", "add", "-A"], proj)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "tiny project"], proj)
 
-    _sh(["dvc", "exp", "run", "train_subsets", "-S", "train.num_models=70", "-n", "more-models"], proj)
-    shown = _metrics_of(json.loads(_sh(["dvc", "exp", "show", "--json"], proj).stdout), [])
+    sh(["dvc", "exp", "run", "train_subsets", "-S", "train.num_models=70", "-n", "more-models"], proj)
+    shown = _metrics_of(json.loads(sh(["dvc", "exp", "show", "--json"], proj).stdout), [])
     runs = [(p, m) for p, m in shown if m and "reports/train_subsets/metrics.json" in json.dumps(m)]
     assert any('"num_models": 70' in json.dumps(p) and '"num_models": 70' in json.dumps(m) for p, m in runs), shown
     metrics = proj / "reports" / "train_subsets" / "metrics.json"
@@ -67,7 +50,7 @@ def test_dvc_experiments_and_a_bad_param_through_plain_dvc_repro(root, tmp_path)
 
     params["train"]["alpha"] = 1.5
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    failed = _sh(["dvc", "repro"], proj, check=False)
+    failed = sh(["dvc", "repro"], proj, check=False)
     assert failed.returncode != 0
     said = failed.stdout + failed.stderr
     lines = [l for l in said.splitlines() if "train.alpha=1.5" in l]
@@ -82,9 +65,9 @@ def test_a_fresh_clone_finds_nothing_stale(root, tmp_path):
     committed dvc.lock, so only outputs that a fresh clone cannot have yet (stores, figures and
     executed notebooks, made by `make repro`) and the paper-scale tarball are listed."""
     clone = tmp_path / "clone"
-    _sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
-    status = json.loads(_sh(["dvc", "status", "--json"], clone).stdout)
-    tracked = set(_sh(["git", "ls-files"], clone).stdout.split())
+    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    status = json.loads(sh(["dvc", "status", "--json"], clone).stdout)
+    tracked = set(sh(["git", "ls-files"], clone).stdout.split())
     for stage, changes in status.items():
         if stage == "data.dvc":  # the CIFAR-10 tarball, fetched on demand (README)
             continue

@@ -1,51 +1,52 @@
-"""The package's shape: imports flow one way, sit at the top of modules, and every DVC
-stage depends on every datalens module its notebook runs (transitively), so `dvc status`
-cannot call a result up to date after a change to code that made it."""
+"""The package's shape: layer folders whose imports flow one way (core -> tasks -> training ->
+attribution -> evaluation -> applications -> reporting), imports at the top of modules, no
+classification below the applications but in its own task, and every DVC stage depending on
+every datalens module its notebook runs (transitively), so `dvc status` cannot call a result up
+to date after a change to code that made it."""
 import ast
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "datalens"
-# lower layers first: a module may import only modules of its own or a lower layer
-LAYERS = [
-    {"data", "models", "execution", "sampling", "progress"},
-    {"config", "engine", "outputs", "store"},
-    {"runs", "projection"},
-    {"datamodels", "trak", "attribution"},
-    {"evaluation", "counterfactuals"},
-    {"comparison", "modeldiff", "unlearning", "unlearning_comparison"},
-    {"plots"},
-    {"reports"},
-    {"report_page"},
-]
-LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+LAYERS = ["core", "tasks", "training", "attribution", "evaluation", "applications", "reporting"]
 OPTIONAL = {"ray", "fast_jl", "kronfluence"}  # heavy optional dependencies may be imported lazily
+# What only a classification task may say: its loss, its margin, its classes.
+CLASSIFICATION = re.compile(r"cross_entropy|margins_from_logits|ClassificationTask|num_classes|one_hot|argmax")
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name (``core.data``) -> path, for every module in a layer folder."""
+    return {f"{p.parent.name}.{p.stem}": p for p in SRC.glob("*/*.py") if p.stem != "__init__"}
 
 
 def _datalens_imports(tree: ast.AST) -> set[str]:
+    """Dotted ``layer.module`` names a piece of code imports (``from datalens.core import data`` too)."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "datalens":
-            if node.module == "datalens":
-                found |= {a.name for a in node.names}
-            else:
-                found.add(node.module.split(".")[1])
+            parts = node.module.split(".")
+            if len(parts) == 2:
+                found |= {f"{parts[1]}.{a.name}" for a in node.names}
+            elif len(parts) >= 3:
+                found.add(f"{parts[1]}.{parts[2]}")
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("datalens.")}
+            found |= {".".join(a.name.split(".")[1:3]) for a in node.names if a.name.startswith("datalens.")}
     return found
 
 
-def closure(modules: set[str]) -> set[str]:
-    seen, todo = set(), list(modules)
+def closure(names: set[str]) -> set[str]:
+    seen, todo, mods = set(), list(names), modules()
     while todo:
         m = todo.pop()
         if m in seen:
             continue
         seen.add(m)
-        todo += _datalens_imports(ast.parse((SRC / f"{m}.py").read_text()))
+        todo += _datalens_imports(ast.parse(mods[m].read_text()))
     return seen
 
 
@@ -54,17 +55,32 @@ def _notebook_imports(path: Path) -> set[str]:
     return _datalens_imports(ast.parse(code))
 
 
-def test_every_module_has_a_layer_and_imports_only_downwards():
-    modules = {p.stem for p in SRC.glob("*.py")} - {"__init__"}
-    assert modules == set(LAYER_OF), f"modules without a layer: {modules - set(LAYER_OF)}; stale: {set(LAYER_OF) - modules}"
-    for m in modules:
-        for dep in _datalens_imports(ast.parse((SRC / f"{m}.py").read_text())):
-            assert LAYER_OF[dep] <= LAYER_OF[m], f"{m} (layer {LAYER_OF[m]}) imports the higher {dep} (layer {LAYER_OF[dep]})"
-    assert "plots" not in closure(modules - {"plots", "reports"}), "a method module reaches plots"
+def test_every_module_sits_in_a_layer_and_imports_only_downwards():
+    assert {p.stem for p in SRC.glob("*.py")} == {"__init__"}, "modules belong in a layer folder"
+    assert {p.name for p in SRC.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS)
+    for name, path in modules().items():
+        for dep in _datalens_imports(ast.parse(path.read_text())):
+            assert dep in modules(), f"{name} imports {dep}, which does not exist"
+            lo, hi = LAYERS.index(dep.split(".")[0]), LAYERS.index(name.split(".")[0])
+            assert lo <= hi, f"{name} (layer {name.split('.')[0]}) imports the higher {dep}"
+    assert not any(m.startswith("reporting.") for m in closure(set(modules()) - {m for m in modules() if m.startswith("reporting.")})), \
+        "a method module reaches the reporting layer"
+
+
+def test_no_module_below_the_applications_assumes_classification():
+    for name, path in modules().items():
+        layer = name.split(".")[0]
+        if LAYERS.index(layer) >= LAYERS.index("applications") or name == "tasks.classification":
+            continue
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        # a run makes its task; a dataset may have labels (a task decides what they mean)
+        allowed = {"training.runs": {"ClassificationTask", "num_classes"}, "core.data": {"num_classes"}}.get(name, set())
+        found = set(CLASSIFICATION.findall(code)) - allowed
+        assert not found, f"{name} assumes classification: {sorted(found)}"
 
 
 def test_imports_sit_at_the_top_of_modules():
-    for path in SRC.glob("*.py"):
+    for path in modules().values():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -78,18 +94,17 @@ def test_every_stage_depends_on_all_the_code_its_notebook_runs():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         notebooks = [d for d in stage["deps"] if d.endswith(".ipynb")]
-        if name == "check_params":  # runs datalens.config itself, before any notebook
-            needed = closure({"config"})
+        if name == "check_params":  # runs datalens.core.config itself, before any notebook
+            needed = closure({"core.config"})
         else:
             assert notebooks, name
             needed = closure(set().union(*(_notebook_imports(ROOT / nb) for nb in notebooks)))
-        declared = {Path(d).stem for d in stage["deps"] if d.startswith("src/datalens/")}
+        declared = {d[len("src/datalens/"):-3].replace("/", ".") for d in stage["deps"] if d.startswith("src/datalens/")}
         assert needed <= declared, f"stage {name} runs {sorted(needed - declared)} but does not depend on them"
         assert declared <= needed, f"stage {name} depends on {sorted(declared - needed)}, which it never runs"
 
 
 def test_the_repo_cites_its_own_methods_doc():
-    import subprocess
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert (ROOT / "docs" / "methods.md").exists()
     name = "METHODS" + ".md"  # spelled apart so this file does not cite it

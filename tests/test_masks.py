@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from datalens.sampling import model_seed, subset_mask, subset_masks
+from datalens.core.sampling import model_seed, subset_mask, subset_masks
 
 
 def test_masks_are_a_pure_function_of_seed_and_index():

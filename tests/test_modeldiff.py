@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-from datalens.modeldiff import model_diff, per_target_cosine, principal_directions, residuals
+from datalens.applications.modeldiff import model_diff, per_target_cosine, principal_directions, residuals
 
 
 def _shared(seed=0, n=80, t=60, rank=3):
@@ -70,7 +70,7 @@ def test_shapes_must_agree():
 
 def test_recovery_matches_sklearn_and_a_direct_count():
     from sklearn.metrics import roc_auc_score
-    from datalens.modeldiff import recovery
+    from datalens.applications.modeldiff import recovery
     rng = np.random.default_rng(5)
     w = rng.normal(size=100)
     planted = np.arange(10)
@@ -82,7 +82,7 @@ def test_recovery_matches_sklearn_and_a_direct_count():
 
 
 def test_contrasted_classes_and_blend():
-    from datalens.modeldiff import Directions, blend_toward, contrasted_classes
+    from datalens.applications.modeldiff import Directions, blend_toward, contrasted_classes
     comps = np.array([[3.0, 2.5, -2.0, -2.2, 0.1, 0.0]])
     d = Directions(comps, np.ones(1), np.ones(1), np.ones(1), np.zeros((2, 1)))
     assert contrasted_classes(d, 0, np.array([6, 6, 0, 0, 1, 1]), count=2) == (6, 0)
@@ -91,7 +91,7 @@ def test_contrasted_classes_and_blend():
 
 
 def test_planted_patch_and_blanking_on_the_data():
-    from datalens.data import blank_region, load_digits, plant_patch
+    from datalens.core.data import blank_region, load_digits, plant_patch
     ds = load_digits()
     planted = plant_patch(ds, label=3, count=12, test_count=4, size=2, row=0, col=0, value=4.0, seed=1)
     assert len(planted.planted) == 12 and (planted.y_train[planted.planted] == 3).all()
@@ -112,8 +112,8 @@ def test_planted_patch_and_blanking_on_the_data():
 
 
 def test_algorithms_share_masks_and_an_unchanged_algorithm_reuses_the_base_store(root):
-    from datalens.config import ParamError, stage_params
-    from datalens.modeldiff import algorithm_run, algorithm_runs
+    from datalens.core.config import ParamError, stage_params
+    from datalens.applications.modeldiff import algorithm_run, algorithm_runs
     p = stage_params("modeldiff_train", root / "params.yaml")
     runs = algorithm_runs(p)
     base = runs["natural_a"]
@@ -133,9 +133,9 @@ def test_algorithms_share_masks_and_an_unchanged_algorithm_reuses_the_base_store
 def test_a_blanked_algorithm_cannot_react_to_the_patch(tmp_path):
     from dataclasses import replace
     from conftest import tiny_run
-    from datalens.data import stamp
-    from datalens.modeldiff import intervention_effect
-    from datalens.runs import train_subset_models
+    from datalens.core.data import stamp
+    from datalens.applications.modeldiff import intervention_effect
+    from datalens.training.runs import train_subset_models
     patch = {"label": 3, "count": 20, "test_count": 5, "size": 2, "row": 0, "col": 0, "value": 4.0, "seed": 0}
     effects = {}
     for name, blank in (("sees", None), ("blanked", {"size": 2, "row": 0, "col": 0})):

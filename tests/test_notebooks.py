@@ -8,7 +8,7 @@ import papermill as pm
 import yaml
 
 from browser import open_offline
-from datalens.report_page import render_html
+from datalens.reporting.report_page import render_html
 
 COMMON = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8}
 TRAIN = {"train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4}
@@ -39,7 +39,7 @@ TINY["07_unlearning"] = {
 
 
 def _run(root, tmp_path, name, overrides, extra=None):
-    from datalens.config import declared_params
+    from datalens.core.config import declared_params
     stage = name.split("_", 1)[1]
     declared = declared_params(stage, root)
     stores = {"train.store": f"file://{tmp_path}/train.zarr", "evaluation.store": f"file://{tmp_path}/eval.zarr",

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from datalens.config import ParamError, check_params_file, declared_params, stage_params
+from datalens.core.config import ParamError, check_params_file, declared_params, stage_params
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_a_declared_key_missing_from_the_file_is_an_error(root, tmp_path):
 def test_make_repro_checks_the_whole_file_before_dvc_runs(root):
     makefile = (root / "Makefile").read_text()
     recipe = makefile.split("\nrepro:")[1].split("\n\n")[0]
-    assert recipe.index("datalens.config params.yaml") < recipe.index("dvc repro")
+    assert recipe.index("datalens.core.config params.yaml") < recipe.index("dvc repro")
 
 
 @pytest.mark.parametrize("value,pattern", [

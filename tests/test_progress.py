@@ -3,7 +3,7 @@ import io
 
 from tqdm.auto import tqdm as auto_tqdm
 
-from datalens.progress import ENV, LogBar, progress_bar
+from datalens.core.progress import ENV, LogBar, progress_bar
 
 
 def test_a_bar_under_dvc_ends_as_one_line_of_the_notebook(monkeypatch):

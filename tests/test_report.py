@@ -8,7 +8,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from browser import open_offline
-from datalens.report_page import load_published, render_html
+from datalens.reporting.report_page import load_published, render_html
 
 matplotlib.use("Agg")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from conftest import tiny_run
-from datalens.store import open_existing
-from datalens.runs import train_subset_models
+from datalens.core.store import open_existing
+from datalens.training.runs import train_subset_models
 
 CHILD = Path(__file__).parent / "resume_child.py"
 
@@ -40,5 +40,5 @@ def test_sigkill_mid_block_then_rerun_completes_each_model_once(tmp_path):
     reference = train_subset_models(tiny_run(tmp_path / "ref.zarr", num_models=20), progress=False)
     resumed = open_existing(str(store))
     assert resumed.completed().all()
-    for name in ("masks", "test_margins", "train_margins"):
+    for name in ("masks", "test_outputs", "train_outputs"):
         np.testing.assert_allclose(resumed.read(name), reference.read(name), rtol=1e-6, atol=1e-6)

@@ -3,8 +3,8 @@ import pytest
 import zarr
 
 from conftest import tiny_run
-from datalens.store import StoreError, open_existing
-from datalens.runs import prepare_store, train_range, train_subset_models
+from datalens.core.store import StoreError, open_existing
+from datalens.training.runs import prepare_store, train_range, train_subset_models
 
 
 def test_run_fills_the_store_and_matches_direct_training(tmp_path):
@@ -13,8 +13,8 @@ def test_run_fills_the_store_and_matches_direct_training(tmp_path):
     assert store.completed().all()
     direct = train_range(run, 4, 8)
     np.testing.assert_array_equal(store.read("masks", slice(4, 8)), direct["masks"])
-    np.testing.assert_allclose(store.read("test_margins", slice(4, 8)), direct["test_margins"], rtol=1e-5, atol=1e-5)
-    assert store.read("train_margins").shape == (12, 1347)
+    np.testing.assert_allclose(store.read("test_outputs", slice(4, 8)), direct["test_outputs"], rtol=1e-5, atol=1e-5)
+    assert store.read("train_outputs").shape == (12, 1347)
     assert np.isfinite(store.checkpoint(1)).all()
     with pytest.raises(IndexError, match="num_checkpoints=2"):
         store.checkpoint(5)
@@ -23,7 +23,7 @@ def test_run_fills_the_store_and_matches_direct_training(tmp_path):
 def test_rerun_skips_completed_models_and_grows_when_asked(tmp_path, monkeypatch):
     run = tiny_run(tmp_path / "s.zarr")
     train_subset_models(run, progress=False)
-    import datalens.runs as tr
+    import datalens.training.runs as tr
     calls = []
     real = tr.train_block
     monkeypatch.setattr(tr, "train_block", lambda r, b: calls.append(b) or real(r, b))
@@ -56,12 +56,12 @@ def test_corrupted_store_is_named_and_left_in_place(tmp_path):
 def test_store_works_on_an_fsspec_url():
     run = tiny_run("memory://datalens-test/s.zarr", num_models=4)
     store = train_subset_models(run, progress=False)
-    assert store.completed().all() and store.read("test_margins").shape == (4, 450)
+    assert store.completed().all() and store.read("test_outputs").shape == (4, 450)
 
 
 def test_identity_holds_every_result_param_and_nothing_else(tmp_path):
     from dataclasses import fields, replace
-    from datalens.engine import TrainSettings
+    from datalens.training.engine import TrainSettings
     run = tiny_run(tmp_path / "s.zarr")
     identity = run.identity()
     assert {f"train.{f.name}" for f in fields(TrainSettings)} <= set(identity)
@@ -84,8 +84,8 @@ def test_more_checkpoints_than_the_store_keeps_are_refused(tmp_path):
 
 
 def test_feature_store_shares_the_resumable_store_and_featurizes_only_what_is_missing(tmp_path, monkeypatch):
-    import datalens.trak as trak
-    from datalens.store import ResumableStore
+    import datalens.attribution.trak as trak
+    from datalens.core.store import ResumableStore
     run = tiny_run(tmp_path / "s.zarr", num_models=4, num_checkpoints=3)
     train_subset_models(run, progress=False)
     job = trak.FeatureJob(run, f"file://{tmp_path}/f.zarr", (8, 16))

@@ -3,10 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from datalens.evaluation import linear_datamodeling_score
-from datalens.outputs import per_example_gradients
-from datalens.projection import Projector, int8_slices
-from datalens.trak import featurize, soft_threshold, trak_scores
+from datalens.evaluation.metrics import linear_datamodeling_score
+from datalens.tasks.classification import ClassificationTask
+from datalens.tasks.gradients import per_example_gradients
+from datalens.attribution.projection import Projector, int8_slices
+from datalens.attribution.trak import ModelFeatures, ScoreStore, featurize, score_blocks, soft_threshold, trak_scores
+
+TASK = ClassificationTask()
 
 
 def _logreg(seed=0, d=6, c=3):
@@ -46,7 +49,7 @@ def test_unprojected_trak_on_logistic_regression_equals_the_closed_form():
     lam = 0.1 * np.trace(kern) / kern.shape[0]
     expected = q[:, None] * (g_train @ np.linalg.solve(kern + lam * np.eye(len(kern)), g_test.T))
 
-    feats = featurize(model, xt, yt, xs, ys, proj_dim=None, seed=0, model_index=0, dtype=torch.float64)
+    feats = featurize(TASK, model, xt, yt, xs, ys, proj_dim=None, seed=0, model_index=0, dtype=torch.float64)
     np.testing.assert_allclose(feats.train.numpy(), g_train, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(trak_scores([feats], ridge=0.1), expected, rtol=1e-6, atol=1e-10)
     # the ensemble of two identical models equals one model
@@ -102,12 +105,12 @@ def test_parameter_subset_gradients_equal_the_slice_of_full_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
-    full = per_example_gradients(model, x, y)
-    sub = per_example_gradients(model, x, y, param_names=["2.weight", "2.bias"])
+    full = per_example_gradients(model, x, y, TASK)
+    sub = per_example_gradients(model, x, y, TASK, param_names=["2.weight", "2.bias"])
     n_first = 5 * 7 + 7
     torch.testing.assert_close(sub, full[:, n_first:])
     with pytest.raises(ValueError, match="not parameters of the model"):
-        per_example_gradients(model, x, y, param_names=["9.weight"])
+        per_example_gradients(model, x, y, TASK, param_names=["9.weight"])
 
 
 def test_lds_of_random_scores_is_near_zero_and_of_the_true_datamodel_near_one():
@@ -125,7 +128,7 @@ def test_soft_threshold():
 
 
 def test_kernel_terms_agree_whether_k_is_below_or_above_n():
-    from datalens.trak import ModelFeatures, kernel_terms
+    from datalens.attribution.trak import ModelFeatures, kernel_terms
     torch.manual_seed(0)
     for n, k in ((30, 10), (10, 30)):  # the second takes the n x n route
         phi, tgt = torch.randn(n, k, dtype=torch.float64), torch.randn(4, k, dtype=torch.float64)
@@ -135,11 +138,11 @@ def test_kernel_terms_agree_whether_k_is_below_or_above_n():
 
 
 def test_feature_store_refuses_features_from_another_projector_version(tmp_path, monkeypatch):
-    import datalens.trak as trak_module
+    import datalens.attribution.trak as trak_module
     from conftest import tiny_run
-    from datalens.store import StoreError
-    from datalens.trak import FeatureJob, featurize_checkpoints
-    from datalens.runs import train_subset_models
+    from datalens.core.store import StoreError
+    from datalens.attribution.trak import FeatureJob, featurize_checkpoints
+    from datalens.training.runs import train_subset_models
 
     run = tiny_run(tmp_path / "s.zarr", num_models=4, num_checkpoints=2)
     train_subset_models(run, progress=False)
@@ -152,9 +155,30 @@ def test_feature_store_refuses_features_from_another_projector_version(tmp_path,
 
 
 def test_fast_jl_is_optional_and_refuses_cpu_gradients():
-    from datalens.projection import projector_backend
+    from datalens.attribution.projection import projector_backend
     assert projector_backend(torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="CUDA device"):
         Projector(100, 512, backend="fast_jl").project(torch.zeros(4, 100))
     with pytest.raises(ValueError, match="allowed values: torch, fast_jl"):
         Projector(100, 512, backend="cupy")
+
+
+def test_scores_over_the_memory_budget_stream_into_a_store_by_target_blocks(tmp_path):
+    """A budget smaller than the (n, t) float64 scores: they go to a store, a block of targets at a
+    time, and equal the in-memory scores; without a store the refusal names the size."""
+    gen = torch.Generator().manual_seed(0)
+    feats = [ModelFeatures(torch.randn(300, 40, generator=gen), torch.randn(70, 40, generator=gen), torch.rand(300, generator=gen))
+             for _ in range(3)]
+    dense = trak_scores(feats, ridge=0.1)
+    budget = 300 * 70 * 8 // 4  # a quarter of what the dense scores need
+    with pytest.raises(ValueError, match="GiB as float64"):
+        trak_scores(feats, ridge=0.1, budget=budget)
+    stored = trak_scores(feats, ridge=0.1, store=str(tmp_path / "scores.zarr"), budget=budget, target_block=16)
+    assert isinstance(stored, ScoreStore) and stored.block_size == 16 and stored.completed().all()
+    np.testing.assert_allclose(stored.matrix(), dense, rtol=1e-6, atol=1e-7)  # stored as float32
+    np.testing.assert_allclose(stored.matrix(slice(20, 40)), dense[:, 20:40], rtol=1e-6, atol=1e-7)
+    # resumable: a second call finds every block done and computes none of them
+    again = trak_scores(feats, ridge=0.1, store=str(tmp_path / "scores.zarr"), budget=budget, target_block=16)
+    np.testing.assert_array_equal(again.matrix(), stored.matrix())
+    assert [a for a, _ in score_blocks(feats, 0.1, 16, only=set(again.missing_blocks()))] == []
+    assert [a for a, _ in score_blocks(feats, 0.1, 16, only={1, 4})] == [16, 64]

@@ -12,12 +12,13 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.func import stack_module_state
 
-from datalens import datamodels, unlearning, unlearning_comparison
-from datalens.config import ParamError, stage_params
-from datalens.models import build_model
-from datalens.outputs import margins_from_logits
-from datalens.runs import prepare_store, train_subset_models
-from datalens.store import StoreError
+from datalens.attribution import datamodels
+from datalens.applications import unlearning, unlearning_comparison
+from datalens.core.config import ParamError, stage_params
+from datalens.core.models import build_model
+from datalens.tasks.classification import margins_from_logits
+from datalens.training.runs import prepare_store, train_subset_models
+from datalens.core.store import StoreError
 
 
 def _reference_klom(a, b, bins=20, clip=100.0, floor=1e-5):
@@ -212,7 +213,7 @@ def test_oracles_train_without_the_forget_set_and_record_every_logit(root, tmp_p
     logits = store.read("train_logits")
     assert logits.dtype == np.float16 and logits.shape == (10, masks.shape[1], 10)
     margins = margins_from_logits(torch.as_tensor(logits.astype(np.float32)), torch.as_tensor(base.dataset_().y_train))
-    np.testing.assert_allclose(margins.numpy(), store.read("train_margins"), atol=0.02)
+    np.testing.assert_allclose(margins.numpy(), store.read("train_outputs"), atol=0.02)
 
 
 def test_a_store_without_logits_is_refused_when_logits_are_asked_for(root, tmp_path):

@@ -1,14 +1,17 @@
-"""The training engine: many models, each on its own subset, in as few kernel calls as
-the architecture allows. No I/O, no figures.
+"""The training engine: many models of any task (:class:`datalens.tasks.base.Task`), each on
+its own subset, in as few kernel calls as the architecture allows. No I/O, no figures.
+The task gives the loss; the engine only indexes the examples (inputs and targets) and
+steps the optimiser.
 
 Models without buffers (MLP, small CNN) train *stacked*: a stack's weights are
 stacked and one forward trains all of them. Adam and SGD act elementwise and the
 summed loss separates over models, so this equals training each model alone (a test
-checks it). MLPs use a hand-laid ``baddbmm`` path; other buffer-free models use
-``torch.func.vmap``. Models with batch norm (ResNet-9) train in a plain loop.
+checks it). MLPs use a hand-laid ``baddbmm`` path when the task offers a loss in that
+layout (:meth:`~datalens.tasks.base.Task.classes_first_loss`); other buffer-free models
+use ``torch.func.vmap``. Models with batch norm (ResNet-9) train in a plain loop.
 
 Every random draw of a model (initialisation, data order, augmentation) comes from its
-own seed (:mod:`datalens.sampling`), and its steps per epoch from its own subset size,
+own seed (:mod:`datalens.core.sampling`), and its steps per epoch from its own subset size,
 so a model's result never depends on which block or stack it trained in. Models are
 stacked only with models of the same number of steps, so they share the learning-rate
 schedule.
@@ -30,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from datalens.models import batchable
-from datalens.sampling import augmentation_generator, epoch_batches
+from datalens.core.models import batchable
+from datalens.core.sampling import augmentation_generator, epoch_batches
+from datalens.tasks.base import Task
 
 
 @functools.cache
@@ -74,7 +78,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # read by the task (ClassificationTask), not by the engine
     schedule: str = "constant"
     peak_epoch: float = 5.0
     augment: bool = False
@@ -131,7 +135,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class TrainedModels:
-    """A group of trained models: ``state_dicts()`` and batched ``logits(x)`` (M, n, C).
+    """A group of trained models: ``state_dicts()`` and batched ``outputs(task, x, y)`` (M, n, *raw).
 
     Stacked models keep ``params`` (name -> (M, ...)); looped ones keep ``modules``.
     """
@@ -145,15 +149,17 @@ class TrainedModels:
         return next(iter(self.params.values())).shape[0] if self.params is not None else len(self.modules)
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def outputs(self, task: Task, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Raw outputs of every model on examples (x, y), ``chunk`` examples per forward: (M, n, *raw)."""
         outs = []
         for start in range(0, x.shape[0], chunk):
-            xb = x[start:start + chunk]
+            xb, yb = x[start:start + chunk], y[start:start + chunk]
             if self.params is not None:
-                f = torch.vmap(lambda p, xx: functional_call(self.base, p, (xx,)), in_dims=(0, None))
-                outs.append(f(self.params, xb))
+                f = torch.vmap(lambda p, xx, yy: task.forward(lambda *a: functional_call(self.base, p, a), xx, yy),
+                               in_dims=(0, None, None))
+                outs.append(f(self.params, xb, yb))
             else:
-                outs.append(torch.stack([m.eval()(xb) for m in self.modules]))
+                outs.append(torch.stack([task.forward(m.eval(), xb, yb) for m in self.modules]))
         return torch.cat(outs, dim=1)
 
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
@@ -173,6 +179,7 @@ def init_models(factory: Callable[[], nn.Module], seeds: Sequence[int]) -> list[
 
 
 def train_models(
+    task: Task,
     models: list[nn.Module],
     x: torch.Tensor,
     y: torch.Tensor,
@@ -184,9 +191,10 @@ def train_models(
     stack_size: int = 8,
     snapshot_epochs: Sequence[int] = (),
 ) -> TrainedModels:
-    """Train ``models[i]`` on ``x[masks[i]]`` with model seed ``seeds[i]`` (in place for the loop path).
+    """Train ``models[i]`` on examples ``masks[i]`` with model seed ``seeds[i]`` (in place for the
+    loop path), minimising ``task``'s loss.
 
-    x: (n, *input_shape) on the training device; y: (n,) int64; masks: (M, n) bool;
+    x: (n, ...) inputs on the training device; y: (n, ...) targets; masks: (M, n) bool;
     seeds: (M,). ``batched=None`` stacks models when none has buffers, ``stack_size`` at
     a time (on 2 CPU cores 8 is fastest in float32 and 16 in bfloat16; GPUs like more).
     ``model_ids`` name the models in error messages. ``snapshot_epochs`` (loop path only)
@@ -209,13 +217,13 @@ def train_models(
         raise ValueError(f"models {empty} have empty subsets; raise train.alpha or the training set size")
     steps = [settings.steps_per_epoch(len(s)) for s in subsets]
     if not batched:
-        snapshots = [_train_alone(models[i], x, y, subsets[i], int(seeds[i]), settings, steps[i], model_ids[i], snapshot_epochs)
+        snapshots = [_train_alone(task, models[i], x, y, subsets[i], int(seeds[i]), settings, steps[i], model_ids[i], snapshot_epochs)
                      for i in range(len(models))]
         return TrainedModels(base=models[0], modules=models, snapshots=snapshots)
     # stacks of models with equal steps per epoch, in order; results go back in the callers' order
     stacks = [g[a:a + stack_size] for s in sorted(set(steps)) for g in [[i for i in range(len(models)) if steps[i] == s]]
               for a in range(0, len(g), stack_size)]
-    parts = [_train_stack([models[i] for i in st], x, y, [subsets[i] for i in st], [int(seeds[i]) for i in st], settings,
+    parts = [_train_stack(task, [models[i] for i in st], x, y, [subsets[i] for i in st], [int(seeds[i]) for i in st], settings,
                           steps[st[0]], [model_ids[i] for i in st]) for st in stacks]
     order = np.argsort(np.concatenate(stacks))
     return TrainedModels(base=parts[0].base, params={k: torch.cat([p.params[k] for p in parts])[order] for k in parts[0].params})
@@ -225,7 +233,7 @@ def _autocast(device: torch.device, settings: TrainSettings):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16")
 
 
-def _train_alone(model, x, y, subset, seed, settings, steps, model_id, snapshot_epochs) -> list[dict]:
+def _train_alone(task, model, x, y, subset, seed, settings, steps, model_id, snapshot_epochs) -> list[dict]:
     model.train()
     snapshots = []
     opt = _make_optimizer(list(model.parameters()), settings)
@@ -238,8 +246,8 @@ def _train_alone(model, x, y, subset, seed, settings, steps, model_id, snapshot_
             idx_t = torch.as_tensor(idx, device=x.device)
             xb = augment(x[idx_t], gen) if settings.augment else x[idx_t]
             with _autocast(x.device, settings):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), y[idx_t], label_smoothing=settings.label_smoothing)
+                out = task.forward(model, xb, y[idx_t])
+            loss = task.mean_loss(out.float(), y[idx_t])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -265,7 +273,7 @@ def _padded_batch(x: torch.Tensor, y: torch.Tensor, batch: Sequence[np.ndarray])
         idx[i, : len(b)] = b
         wts[i, : len(b)] = 1.0 / len(b)
     idx_t = torch.as_tensor(idx, device=x.device)
-    return x[idx_t], y[idx_t], torch.as_tensor(wts, device=x.device, dtype=x.dtype)
+    return x[idx_t], y[idx_t], torch.as_tensor(wts, device=x.device)
 
 
 def mlp_linear_names(model: nn.Module) -> list[str] | None:
@@ -281,12 +289,11 @@ def mlp_linear_names(model: nn.Module) -> list[str] | None:
     return names
 
 
-def _stacked_mlp_loss(linear_names: list[str], label_smoothing: float, dtype: torch.dtype = torch.float32):
+def _stacked_mlp_loss(linear_names: list[str], example_loss, dtype: torch.dtype = torch.float32):
     """Summed per-model losses of stacked MLPs, computed as (models, features, examples)
-    with ``baddbmm``: on CPU this layout makes the ReLU and the softmax over a small
-    class dimension vectorise along examples, about twice as fast as the vmap layout.
-    Products and activations run in ``dtype`` (the inputs ``xb`` must already be in it),
-    the loss in float32."""
+    with ``baddbmm``; ``example_loss(h (M, C, L), encoded targets) -> (M, L)`` is the task's
+    loss in that layout. Products and activations run in ``dtype`` (the inputs ``xb`` must
+    already be in it), the loss in float32."""
 
     def loss(p, xb, yb, wb):
         h = xb  # (M, d, L), feature-major
@@ -294,18 +301,12 @@ def _stacked_mlp_loss(linear_names: list[str], label_smoothing: float, dtype: to
             h = torch.baddbmm(p[f"{name}.bias"].unsqueeze(-1).to(dtype), p[f"{name}.weight"].to(dtype), h)
             if k < len(linear_names) - 1:
                 h = torch.relu(h)
-        h = h.float()
-        lse = torch.logsumexp(h, 1)  # (M, L)
-        correct = (h * yb).sum(1)  # yb: (M, C, L) one-hot
-        per_example = lse - (1 - label_smoothing) * correct
-        if label_smoothing:
-            per_example = per_example - label_smoothing * h.mean(1)
-        return (per_example * wb).sum(1)
+        return (example_loss(h.float(), yb) * wb).sum(1)
 
     return loss
 
 
-def _train_stack(models, x, y, subsets, seeds, settings, steps, model_ids) -> TrainedModels:
+def _train_stack(task, models, x, y, subsets, seeds, settings, steps, model_ids) -> TrainedModels:
     """Train models of equal ``steps`` per epoch as one stack (see the module docstring)."""
     params, _ = stack_module_state(models)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -316,17 +317,19 @@ def _train_stack(models, x, y, subsets, seeds, settings, steps, model_ids) -> Tr
 
     def per_model_loss(p, xb, yb, wb):
         with _autocast(x.device, settings):
-            logits = functional_call(base, p, (xb,))
-        return (F.cross_entropy(logits.float(), yb, reduction="none", label_smoothing=settings.label_smoothing) * wb).sum()
+            out = task.forward(lambda *a: functional_call(base, p, a), xb, yb)
+        return (task.loss(out.float(), yb) * wb).sum()
 
-    linear_names = mlp_linear_names(models[0])
+    fast = task.classes_first_loss()
+    linear_names = mlp_linear_names(models[0]) if fast is not None else None
     if linear_names is not None:
-        mlp_loss = _stacked_mlp_loss(linear_names, settings.label_smoothing, settings.compute_dtype)
-        num_classes = params[f"{linear_names[-1]}.weight"].shape[1]
+        encode, example_loss = fast
+        mlp_loss = _stacked_mlp_loss(linear_names, example_loss, settings.compute_dtype)
+        num_outputs = params[f"{linear_names[-1]}.weight"].shape[1]
 
         def loss_fn(p, xb, yb, wb):
             xt = xb.reshape(xb.shape[0], xb.shape[1], -1).transpose(1, 2).to(settings.compute_dtype).contiguous()
-            return mlp_loss(p, xt, F.one_hot(yb, num_classes).transpose(1, 2).to(xb.dtype), wb)
+            return mlp_loss(p, xt, encode(yb, num_outputs).to(xb.dtype), wb)
     else:
         loss_fn = torch.vmap(per_model_loss, in_dims=(0, 0, 0, 0))
     if full_batch and not settings.augment:
@@ -335,7 +338,7 @@ def _train_stack(models, x, y, subsets, seeds, settings, steps, model_ids) -> Tr
         x_full, y_full, w_full = _padded_batch(x, y, subsets)
         if linear_names is not None:  # the layout change is done once, not every epoch
             xt_full = x_full.reshape(x_full.shape[0], x_full.shape[1], -1).transpose(1, 2).to(settings.compute_dtype).contiguous()
-            y_full = F.one_hot(y_full, num_classes).transpose(1, 2).to(x.dtype)
+            y_full = encode(y_full, num_outputs).to(x.dtype)
             loss_fn = lambda p, xb, yb, wb: mlp_loss(p, xt_full, yb, wb)  # noqa: E731
     step = 0
     for epoch in range(settings.epochs):

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from datalens.progress import progress_bar
+from datalens.core.progress import progress_bar
 
 
 @dataclass
@@ -271,14 +271,14 @@ def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.nd
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def store_blocks(store, rows: np.ndarray, target: str = "test_margins", block: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def store_blocks(store, rows: np.ndarray, target: str = "test_outputs", block: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (masks, margins) for ``rows`` of a store, ``block`` models at a time."""
     for a in range(0, len(rows), block):
         idx = rows[a:a + block]
         yield store.read("masks", idx), store.read(target, idx)
 
 
-def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0.1, seed: int = 0, target: str = "test_margins",
+def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0.1, seed: int = 0, target: str = "test_outputs",
                    **kwargs) -> tuple[Datamodels, dict]:
     """Fit datamodels on the first ``num_models`` completed models of a store (all by default)."""
     done = np.flatnonzero(store.completed())

@@ -12,9 +12,12 @@ first differing param. ``url`` may be any path or URL that zarr and fsspec open
 :class:`SubsetStore` is the store of a run of subset models::
 
     masks          (N, n) bool     chunks (B, n)
-    test_margins   (N, t) float32  chunks (B, t)
-    train_margins  (N, n) float32  chunks (B, n)
-    test_accuracy  (N,)   float32  chunks (B,)     argmax accuracy on the test set
+    test_outputs   (N, t) float32  chunks (B, t)     the task's attributed output f on each test example
+                                                     (the LDS ground truth; the margin for classification)
+    train_outputs  (N, n) float32  chunks (B, n)     the same on each training example
+    test_metric    (N,)   float32  chunks (B,)       the task's per-model test metric (accuracy for classification)
+    train_logits   (N, n, C) float16                 optional: the model's raw outputs per example (class logits)
+    test_logits    (N, t, C) float16
     completed      (N,)   bool     chunks (B,)
     checkpoints    (K, P) float32  chunks (1, P)   weights of models 0..K-1 (flattened state dicts)
 """
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: arrays named by the task interface (outputs, metric)
 
 
 class StoreError(RuntimeError):
@@ -175,19 +178,19 @@ class SubsetStore(ResumableStore):
     """The store of a run of subset models (layout in the module docstring)."""
 
     kind = "datalens subset store"
-    DATA_ARRAYS = ("masks", "test_margins", "train_margins", "test_accuracy")
+    DATA_ARRAYS = ("masks", "test_outputs", "train_outputs", "test_metric")
     LOGIT_ARRAYS = ("train_logits", "test_logits")
 
     @classmethod
     def create_or_open(cls, url: str, identity: dict, num_models: int, n_train: int, n_test: int, block_size: int,
-                       num_checkpoints: int = 0, num_params: int = 0, num_classes: int = 0) -> "SubsetStore":
-        """``num_classes > 0`` also keeps every class logit (float16: half the space, and the
+                       num_checkpoints: int = 0, num_params: int = 0, raw_width: int = 0) -> "SubsetStore":
+        """``raw_width > 0`` also keeps the model's raw outputs (``raw_width`` per example: every class logit (float16: half the space, and the
         rounding, about 1e-3 relative, is far below the seed-to-seed spread of a logit)."""
-        arrays = {"masks": ArraySpec((n_train,), "bool", False), "test_margins": ArraySpec((n_test,)),
-                  "train_margins": ArraySpec((n_train,)), "test_accuracy": ArraySpec(())}
-        if num_classes:
-            arrays["train_logits"] = ArraySpec((n_train, num_classes), "float16")
-            arrays["test_logits"] = ArraySpec((n_test, num_classes), "float16")
+        arrays = {"masks": ArraySpec((n_train,), "bool", False), "test_outputs": ArraySpec((n_test,)),
+                  "train_outputs": ArraySpec((n_train,)), "test_metric": ArraySpec(())}
+        if raw_width:
+            arrays["train_logits"] = ArraySpec((n_train, raw_width), "float16")
+            arrays["test_logits"] = ArraySpec((n_test, raw_width), "float16")
             group = _open_group(url, "r")
             if group is not None and "completed" in group and "train_logits" not in group:
                 raise StoreError(f"store at {url} was made without logits, but the params ask for train.record_logits=true; "

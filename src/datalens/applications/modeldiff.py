@@ -25,14 +25,15 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from datalens.config import ParamError, resolve_location, set_dotted, validate
-from datalens.data import stamp
-from datalens.datamodels import fit_from_store
-from datalens.engine import resolve_device
-from datalens.outputs import margins_from_logits
-from datalens.runs import SubsetRun
-from datalens.store import SubsetStore
-from datalens.trak import featurize, trak_scores
+from datalens.core.config import ParamError, resolve_location, set_dotted, validate
+from datalens.core.data import stamp
+from datalens.attribution.datamodels import fit_from_store
+from datalens.training.engine import resolve_device
+from datalens.tasks.classification import margins_from_logits
+from datalens.tasks.gradients import raw_outputs
+from datalens.training.runs import SubsetRun
+from datalens.core.store import SubsetStore
+from datalens.attribution.trak import featurize, trak_scores
 
 
 def unit_rows(theta: np.ndarray | torch.Tensor, device="cpu") -> torch.Tensor:
@@ -146,7 +147,7 @@ def attribution_matrix(run: SubsetRun, store: SubsetStore, kind: str, num_models
     if kind == "trak":
         device = resolve_device(run.device)
         data = run.dataset_().tensors(device)
-        feats = [featurize(run.load_checkpoint(store, m, device), *data, proj_dim, seed, m) for m in range(trak_models)]
+        feats = [featurize(run.make_task(), run.load_checkpoint(store, m, device), *data, proj_dim, seed, m) for m in range(trak_models)]
         return trak_scores(feats, ridge)
     raise ParamError(f"modeldiff.attribution={kind!r} is not allowed; allowed values: datamodels, trak")
 
@@ -179,13 +180,13 @@ def intervention_effect(run: SubsetRun, store: SubsetStore, models: int, inputs:
     target = torch.as_tensor(labels if watch is None else np.full(len(labels), watch), device=device)
 
     nets = [run.load_checkpoint(store, m, device) for m in range(models)]  # once, for every intensity
+    task = run.make_task()
 
     def outputs(x):
         if run.blank:
             x = stamp(x, run.blank["size"], run.blank["row"], run.blank["col"], 0.0)
         xt = torch.as_tensor(x, device=device)
-        with torch.no_grad():
-            logits = torch.stack([net(xt) for net in nets])
+        logits = torch.stack([raw_outputs(net, xt, target, task) for net in nets])  # streamed in chunks of examples
         prob = torch.softmax(logits, -1).gather(-1, target.expand(models, -1).unsqueeze(-1)).squeeze(-1)
         return prob.double().cpu().numpy(), margins_from_logits(logits, target).double().cpu().numpy()
 

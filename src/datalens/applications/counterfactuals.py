@@ -3,7 +3,7 @@
 
 Every function takes a ``retrain(masks) -> margins`` callable: masks (m, n) bool ->
 margins (m, T), averaged over however many models per mask the caller trains. The
-pipeline passes :func:`datalens.runs.train_on_masks`; tests pass brute-force
+pipeline passes :func:`datalens.training.runs.train_on_masks`; tests pass brute-force
 retrains of small problems.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 block-by-block training of all of them through an executor (in-process or Ray).
 
 Model ``j`` of a run trains on mask ``j // repeats`` of the run's stream with its own
-model seed (:mod:`datalens.sampling`), so results never depend on how models are
+model seed (:mod:`datalens.core.sampling`), so results never depend on how models are
 grouped into blocks, stacks or workers.
 """
 from __future__ import annotations
@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from datalens.config import get_dotted, resolve_location
-from datalens.data import Dataset, load_dataset
-from datalens.engine import TrainedModels, TrainSettings, flatten_state, init_models, resolve_device, train_models, unflatten_state
-from datalens.execution import LocalExecutor
-from datalens.models import build_model
-from datalens.outputs import margins_from_logits
-from datalens.progress import progress_bar
-from datalens.sampling import model_seed, subset_masks
-from datalens.store import SubsetStore, open_existing
+from datalens.core.config import get_dotted, resolve_location
+from datalens.core.data import Dataset, load_dataset
+from datalens.training.engine import TrainedModels, TrainSettings, flatten_state, init_models, resolve_device, train_models, unflatten_state
+from datalens.core.execution import LocalExecutor
+from datalens.core.models import build_model
+from datalens.tasks.base import Task
+from datalens.tasks.classification import ClassificationTask
+from datalens.core.progress import progress_bar
+from datalens.core.sampling import model_seed, subset_masks
+from datalens.core.store import SubsetStore, open_existing
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,13 @@ class SubsetRun:
     stream: str = "train"
     repeats: int = 1
     stack_size: int = 8
-    patch: dict | None = None  # a planted feature (datalens.data.plant_patch), for ModelDiff's ground truth
-    blank: dict | None = None  # preprocessing that blanks a region (datalens.data.blank_region)
+    patch: dict | None = None  # a planted feature (datalens.core.data.plant_patch), for ModelDiff's ground truth
+    blank: dict | None = None  # preprocessing that blanks a region (datalens.core.data.blank_region)
     repeat_offset: int = 0  # shifts every model seed: the same masks with other seeds (a negative control)
     exclude: tuple[int, ...] | None = None  # training examples left out of every mask (unlearning's oracles: S minus F)
-    record_logits: bool = False  # also keep every class logit on train and test examples (float16), for unlearning
+    record_logits: bool = False  # also keep the raw outputs (every class logit) on train and test examples (float16)
+    task: str = "classification"  # the kind of model (datalens.tasks); classification is the one built so far
+    repo: str = "."  # the repo root, against which import paths of your own data and models resolve
 
     @classmethod
     def from_params(cls, p: dict, **given) -> "SubsetRun":
@@ -78,16 +81,19 @@ class SubsetRun:
             num_checkpoints=int(min(param("train.num_checkpoints"), n)), device=param("device"),
             stream=given.get("stream", "train"), repeats=int(given.get("repeats", 1)), stack_size=int(param("train.stack_size")),
             record_logits=bool(given.get("record_logits", p["train"].get("record_logits", False))),
+            repo=str(p.get("_root", ".")),
         )
 
     def identity(self) -> dict:
         """Every param that changes a model's results, and nothing else: not how many models,
         where they go, how they are grouped (block and stack size) or which are checkpointed.
-        The device changes only floating-point rounding and is not part of it either."""
+        The device changes only floating-point rounding and is not part of it either. The data's
+        content hash is, so an edited dataset never reuses models trained on the old one."""
         optional = {"data.patch": self.patch, "data.blank": self.blank, "repeat_offset": self.repeat_offset,
                     "exclude": list(self.exclude) if self.exclude else None}
         return {
-            "data.dataset": self.dataset, "model.name": self.model,
+            "data.dataset": self.dataset, "data.content_hash": self.dataset_().content_hash(), "task": self.task,
+            "model.name": self.model,
             **{f"model.{k}": v for k, v in sorted(self.model_kwargs.items())},
             **{f"train.{k}": v for k, v in asdict(self.settings).items()},
             "train.alpha": self.alpha, "seed": self.seed, "stream": self.stream, "repeats": self.repeats,
@@ -102,11 +108,17 @@ class SubsetRun:
                 for j in range(start, stop)]
 
     def dataset_(self) -> Dataset:
-        return cached_dataset(self.dataset, self.data_root, self.patch, self.blank)
+        return cached_dataset(self.dataset, self.data_root, self.patch, self.blank, self.repo)
+
+    def make_task(self) -> Task:
+        """The task object this run trains and measures."""
+        if self.task != "classification":
+            raise ValueError(f"task {self.task!r} is unknown; allowed values: classification")
+        return ClassificationTask(label_smoothing=self.settings.label_smoothing)
 
     def build_model(self) -> nn.Module:
         ds = self.dataset_()
-        return build_model(self.model, ds.input_shape, ds.num_classes, **self.model_kwargs)
+        return build_model(self.model, ds.input_shape, ds.num_classes, self.repo, **self.model_kwargs)
 
     def load_checkpoint(self, store: SubsetStore, index: int, device="cpu") -> nn.Module:
         """Model ``index`` of this run, rebuilt from the checkpoint in ``store``, in eval mode."""
@@ -118,42 +130,43 @@ class SubsetRun:
 _DATA_CACHE: dict = {}
 
 
-def cached_dataset(name: str, root: str, patch: dict | None = None, blank: dict | None = None) -> Dataset:
+def cached_dataset(name: str, root: str, patch: dict | None = None, blank: dict | None = None, repo: str = ".") -> Dataset:
     """Load each dataset (with its patch and blanking) once per process (block jobs in one worker share it)."""
-    key = (name, root, json.dumps(patch, sort_keys=True), json.dumps(blank, sort_keys=True))
+    key = (name, root, json.dumps(patch, sort_keys=True), json.dumps(blank, sort_keys=True), repo)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(name, root, patch, blank)
+        _DATA_CACHE[key] = load_dataset(name, root, patch, blank, repo)
     return _DATA_CACHE[key]
 
 
 def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int]) -> dict:
-    """Train one model per mask with the given seeds; margins and accuracy as in :func:`train_range`."""
-    ds = run.dataset_()
+    """Train one model per mask with the given seeds; the task's measurements as in :func:`train_range`."""
+    ds, task = run.dataset_(), run.make_task()
     device = resolve_device(run.device)
     x_tr, y_tr, x_te, y_te = ds.tensors(device)
     models = [mod.to(device) for mod in init_models(run.build_model, seeds)]
-    trained = train_models(models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
+    trained = train_models(task, models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
                            stack_size=run.stack_size)
-    logits_te, logits_tr = trained.logits(x_te), trained.logits(x_tr)
+    raw_te, raw_tr = trained.outputs(task, x_te, y_te), trained.outputs(task, x_tr, y_tr)
     out = {
         "masks": masks,
-        "test_margins": margins_from_logits(logits_te, y_te).float().cpu().numpy(),
-        "test_accuracy": (logits_te.argmax(-1) == y_te).float().mean(-1).cpu().numpy(),
-        "train_margins": margins_from_logits(logits_tr, y_tr).float().cpu().numpy(),
+        "test_outputs": task.output(raw_te, y_te).float().cpu().numpy(),
+        "test_metric": task.metric(raw_te, y_te).float().cpu().numpy(),
+        "train_outputs": task.output(raw_tr, y_tr).float().cpu().numpy(),
         "models": trained,
     }
     if run.record_logits:
-        out["train_logits"] = logits_tr.to(torch.float16).cpu().numpy()
-        out["test_logits"] = logits_te.to(torch.float16).cpu().numpy()
+        out["train_logits"] = raw_tr.to(torch.float16).cpu().numpy()
+        out["test_logits"] = raw_te.to(torch.float16).cpu().numpy()
     return out
 
 
 def train_range(run: SubsetRun, start: int, stop: int) -> dict[str, np.ndarray | TrainedModels]:
     """Train models ``start..stop-1`` of ``run`` without touching any store.
 
-    Returns ``masks`` (M, n) bool, ``test_margins`` (M, t), ``train_margins`` (M, n) float32,
-    ``test_accuracy`` (M,), ``models`` (:class:`~datalens.engine.TrainedModels`), and with
-    ``record_logits`` ``train_logits`` (M, n, C) and ``test_logits`` (M, t, C) float16.
+    Returns ``masks`` (M, n) bool, ``test_outputs`` (M, t) and ``train_outputs`` (M, n) float32
+    (the task's attributed output; margins for classification), ``test_metric`` (M,) (accuracy),
+    ``models`` (:class:`~datalens.training.engine.TrainedModels`), and with ``record_logits`` the raw
+    outputs ``train_logits`` (M, n, C) and ``test_logits`` (M, t, C) float16.
     """
     masks = subset_masks(run.seed, run.mask_indices(start, stop), run.dataset_().n_train, run.alpha, run.stream)
     if run.exclude:
@@ -170,7 +183,7 @@ def train_block(run: SubsetRun, block: int) -> dict:
     ckpts = {j: flatten_state(s) for j, s in zip(range(start, stop), out["models"].state_dicts()) if j < run.num_checkpoints}
     names = SubsetStore.DATA_ARRAYS + (SubsetStore.LOGIT_ARRAYS if run.record_logits else ())
     store.write_block(block, {k: out[k] for k in names}, {"checkpoints": ckpts} if ckpts else None)
-    return {"block": block, "start": start, "stop": stop, "test_accuracy": float(out["test_accuracy"].mean())}
+    return {"block": block, "start": start, "stop": stop, "test_metric": float(out["test_metric"].mean())}
 
 
 def prepare_store(run: SubsetRun) -> SubsetStore:
@@ -178,7 +191,15 @@ def prepare_store(run: SubsetRun) -> SubsetStore:
     ds = run.dataset_()
     num_params = sum(v.numel() for v in run.build_model().state_dict().values()) if run.num_checkpoints else 0
     return SubsetStore.create_or_open(run.store, run.identity(), run.num_models, ds.n_train, ds.n_test, run.block_size,
-                                      run.num_checkpoints, num_params, ds.num_classes if run.record_logits else 0)
+                                      run.num_checkpoints, num_params, raw_width(run) if run.record_logits else 0)
+
+
+def raw_width(run: SubsetRun) -> int:
+    """Raw outputs per example of ``run``'s model (class logits), from one forward of a fresh model."""
+    ds = run.dataset_()
+    x, y, _, _ = ds.tensors()
+    with torch.no_grad():
+        return int(run.make_task().forward(run.build_model().eval(), x[:1], y[:1]).reshape(-1).numel())
 
 
 def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
@@ -198,7 +219,7 @@ def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) ->
               disable=not progress) as bar:
         for summary in executor.map_unordered(train_block, [(run, b) for b in todo], describe=describe):
             bar.update(summary["stop"] - summary["start"])
-            bar.set_postfix(test_acc=f"{summary['test_accuracy']:.3f}")
+            bar.set_postfix(test_metric=f"{summary['test_metric']:.3f}")
     return store
 
 
@@ -209,7 +230,7 @@ def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: 
     total = 0.0
     for r in range(repeats):
         seeds = [model_seed(run.seed, 0, r, stream)] * len(masks)
-        total = total + _train_and_score(run, masks, seeds, range(len(masks)))["test_margins"].astype(np.float64)
+        total = total + _train_and_score(run, masks, seeds, range(len(masks)))["test_outputs"].astype(np.float64)
     return total / repeats
 
 

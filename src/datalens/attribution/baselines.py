@@ -1,7 +1,9 @@
-"""Attribution methods behind one interface: each returns scores shaped (n_train, n_targets),
-positive when including a training example raises the target's margin.
+"""Attribution methods behind one interface: each takes the task first and returns scores
+shaped (n_train, n_targets), positive when including a training example raises the
+target's output f (the task's; the margin for classification).
 
-Gradient conventions (f = margin, L = cross-entropy, so dL/df = -Q with Q = 1 - p):
+Gradient conventions (f the task's output, L its loss, dL/df = -Q; for classification
+f = margin, L = cross-entropy, Q = 1 - p):
 ``-grad L_i = Q_i grad f_i`` is the direction in which training on z_i moves the
 parameters, and the target side is ``grad f_x``.
 
@@ -14,7 +16,9 @@ parameters, and the target side is ``grad f_x``.
   for few parameters, batched conjugate gradient on Hessian-vector products otherwise
 * ``empirical_influence``: mean margin of models trained with i minus without i
   (from the subset models themselves)
-* TRAK (:mod:`datalens.trak`) and datamodels (:mod:`datalens.datamodels`) fit the same shape.
+
+Every step streams examples in chunks (:data:`datalens.tasks.gradients.CHUNK` per forward).
+* TRAK (:mod:`datalens.attribution.trak`) and datamodels (:mod:`datalens.attribution.datamodels`) fit the same shape.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.data import TensorDataset
 
-from datalens.outputs import margins_from_logits, out_to_loss, per_example_gradients
+from datalens.tasks.base import Task
+from datalens.tasks.gradients import CHUNK, out_to_loss, per_example_gradients
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -48,40 +53,42 @@ def last_layer_params(model: nn.Module) -> list[str]:
     return [f"{name}.{p}" for p, _ in layer.named_parameters()]
 
 
-def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The inputs to the model's last linear layer, (n, width): its penultimate representation."""
+def penultimate_features(model: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """The inputs to the model's last linear layer, (n, width): its penultimate representation,
+    ``chunk`` examples per forward."""
     captured = []
-    handle = last_linear(model)[1].register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    handle = last_linear(model)[1].register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach().flatten(1)))
     try:
         with torch.no_grad():
-            model.eval()(x)
+            for a in range(0, len(x), chunk):
+                model.eval()(x[a:a + chunk])
     finally:
         handle.remove()
-    return captured[0].flatten(1)
+    return torch.cat(captured)
 
 
-def _helpful_grads(model, x, y, param_names=None):
+def _helpful_grads(task: Task, model, x, y, param_names=None):
     """(-grad L_i) = Q_i grad f_i: (n, d)."""
-    g = per_example_gradients(model, x, y, param_names=param_names, dtype=torch.float64)
-    return out_to_loss(model, x, y).double()[:, None] * g
+    g = per_example_gradients(model, x, y, task, param_names=param_names, dtype=torch.float64)
+    return out_to_loss(model, x, y, task).double()[:, None] * g
 
 
-def grad_dot(model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
-    gt = per_example_gradients(model, x_targets, y_targets, param_names=param_names, dtype=torch.float64)
-    return (_helpful_grads(model, x_train, y_train, param_names) @ gt.T).numpy()
+def grad_dot(task: Task, model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
+    gt = per_example_gradients(model, x_targets, y_targets, task, param_names=param_names, dtype=torch.float64)
+    return (_helpful_grads(task, model, x_train, y_train, param_names) @ gt.T).numpy()
 
 
-def grad_cosine(model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
-    gt = per_example_gradients(model, x_targets, y_targets, param_names=param_names, dtype=torch.float64)
-    gi = _helpful_grads(model, x_train, y_train, param_names)
+def grad_cosine(task: Task, model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
+    gt = per_example_gradients(model, x_targets, y_targets, task, param_names=param_names, dtype=torch.float64)
+    gi = _helpful_grads(task, model, x_train, y_train, param_names)
     return (F.normalize(gi, dim=1) @ F.normalize(gt, dim=1).T).numpy()
 
 
-def tracin(checkpoints: Sequence[nn.Module], lrs: Sequence[float], x_train, y_train, x_targets, y_targets,
+def tracin(task: Task, checkpoints: Sequence[nn.Module], lrs: Sequence[float], x_train, y_train, x_targets, y_targets,
            param_names=None) -> np.ndarray:
     if len(checkpoints) != len(lrs):
         raise ValueError(f"{len(checkpoints)} checkpoints but {len(lrs)} learning rates")
-    return sum(lr * grad_dot(m, x_train, y_train, x_targets, y_targets, param_names) for m, lr in zip(checkpoints, lrs))
+    return sum(lr * grad_dot(task, m, x_train, y_train, x_targets, y_targets, param_names) for m, lr in zip(checkpoints, lrs))
 
 
 def representation_similarity(model: nn.Module, x_train, x_targets) -> np.ndarray:
@@ -90,7 +97,7 @@ def representation_similarity(model: nn.Module, x_train, x_targets) -> np.ndarra
     return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).cpu().numpy()
 
 
-def _training_loss_fn(model, x, y, names):
+def _training_loss_fn(task: Task, model, x, y, names):
     params = dict(model.named_parameters())
     frozen = {n: p.detach() for n, p in params.items() if n not in names}
     frozen.update(dict(model.named_buffers()))
@@ -99,29 +106,29 @@ def _training_loss_fn(model, x, y, names):
 
     def loss(flat):
         p = {n: t.reshape(s) for n, t, s in zip(names, torch.split(flat, sizes), shapes)}
-        return F.cross_entropy(functional_call(model, {**frozen, **p}, (x,)), y)
+        return task.mean_loss(task.forward(lambda *a: functional_call(model, {**frozen, **p}, a), x, y), y)
 
     flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
     return loss, flat0
 
 
-def influence_explicit(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None):
+def influence_explicit(task: Task, model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None):
     """Influence with an explicit damped Hessian over ``param_names`` (all by default; keep d small).
     ``damping`` may be a list: then {damping: scores}, with the Hessian formed once.
     Works on a float64 copy: the caller's model is left as it is."""
     model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
     mask = torch.as_tensor(np.asarray(train_mask, bool))
-    loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
+    loss, flat0 = _training_loss_fn(task, model, x_train[mask].double(), y_train[mask], names)
     hess = torch.func.hessian(loss)(flat0)
-    gi = _helpful_grads(model, x_train.double(), y_train, names)
-    gt = per_example_gradients(model, x_targets.double(), y_targets, param_names=names, dtype=torch.float64)
+    gi = _helpful_grads(task, model, x_train.double(), y_train, names)
+    gt = per_example_gradients(model, x_targets.double(), y_targets, task, param_names=names, dtype=torch.float64)
     eye = torch.eye(len(flat0), dtype=hess.dtype)
     out = {d: (gi @ torch.linalg.solve(hess + d * eye, gt.T)).numpy() for d in np.atleast_1d(damping).tolist()}
     return out if isinstance(damping, (list, tuple)) else out[float(damping)]
 
 
-def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None,
+def influence_cg(task: Task, model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None,
                  iters: int = 100, tol: float = 1e-8) -> np.ndarray:
     """Influence by conjugate gradient on (H + damping I) v = grad f_x, all targets at once,
     with Hessian-vector products (forward-over-reverse); never forms H. CG needs
@@ -130,7 +137,7 @@ def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damp
     model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
     mask = torch.as_tensor(np.asarray(train_mask, bool))
-    loss, flat0 = _training_loss_fn(model, x_train[mask].double(), y_train[mask], names)
+    loss, flat0 = _training_loss_fn(task, model, x_train[mask].double(), y_train[mask], names)
     g = grad(loss)
 
     hvp = vmap(lambda u: jvp(g, (flat0,), (u,))[1], in_dims=1, out_dims=1)
@@ -138,7 +145,7 @@ def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damp
     def hvp_block(v):  # v: (d, t)
         return hvp(v) + damping * v
 
-    b = per_example_gradients(model, x_targets.double(), y_targets, param_names=names, dtype=torch.float64).T
+    b = per_example_gradients(model, x_targets.double(), y_targets, task, param_names=names, dtype=torch.float64).T
     v = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -156,7 +163,7 @@ def influence_cg(model, x_train, y_train, train_mask, x_targets, y_targets, damp
             break
         p = r + (rs_new / rs.clamp_min(1e-300)) * p
         rs = rs_new
-    gi = _helpful_grads(model, x_train.double(), y_train, names)
+    gi = _helpful_grads(task, model, x_train.double(), y_train, names)
     return (gi @ v).numpy()
 
 
@@ -173,7 +180,7 @@ def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
 
 
 
-def ekfac_influence(model: nn.Module, x_train, y_train, x_targets, y_targets, dampings: Sequence[float],
+def ekfac_influence(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targets, dampings: Sequence[float],
                     batch_size: int = 512, seed: int = 0) -> dict[float, np.ndarray]:
     """Influence functions with an EK-FAC Hessian (George et al., 2018; Grosse et al., 2023), by
     kronfluence: tau[i, x] = grad f_x^T (G + damping I)^{-1} (-grad L_i), G the EK-FAC
@@ -185,30 +192,30 @@ def ekfac_influence(model: nn.Module, x_train, y_train, x_targets, y_targets, da
     """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
+    from kronfluence.task import Task as KronfluenceTask
 
-    class MarginTask(Task):
+    class OutputTask(KronfluenceTask):  # our task, in kronfluence's terms
         def compute_train_loss(self, batch, model, sample=False):
             x, y = batch
-            logits = model(x)
-            if sample:  # the true Fisher: labels drawn from the model's own predictions
+            outputs = task.forward(model, x, y)
+            if sample:  # the true Fisher: targets drawn from the model's own predictions
                 with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
+                    y = task.sample_targets(outputs)
+            return task.loss(outputs, y).sum()
 
         def compute_measurement(self, batch, model):
             x, y = batch
-            return margins_from_logits(model(x), y).sum()
+            return task.output(task.forward(model, x, y), y).sum()
 
-    task = MarginTask()
-    tracked = prepare_model(copy.deepcopy(model).float().eval(), task)
+    kf_task = OutputTask()
+    tracked = prepare_model(copy.deepcopy(model).float().eval(), kf_task)
     train = TensorDataset(x_train.float().cpu(), y_train.cpu())
     query = TensorDataset(x_targets.float().cpu(), y_targets.cpu())
     out = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # kronfluence's torch.cuda.amp calls, on every run
         torch.manual_seed(seed)  # the labels drawn for the true Fisher
-        analyzer = Analyzer("datalens", tracked, task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer = Analyzer("datalens", tracked, kf_task, cpu=True, disable_tqdm=True, output_dir=tmp)
         analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size,
                                  factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
         for d in dampings:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from datalens.datamodels import Datamodels
-from datalens.store import SubsetStore
+from datalens.core.store import SubsetStore
 
 
 def columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -66,24 +65,26 @@ def heldout_arrays(eval_store: SubsetStore, repeats: int) -> tuple[np.ndarray, n
     done = eval_store.completed()
     if not done.all():
         raise ValueError(f"evaluation store {eval_store.url} is incomplete ({int(done.sum())}/{len(done)} models); rerun its stage")
-    margins = eval_store.read("test_margins", slice(None))
+    margins = eval_store.read("test_outputs", slice(None))
     masks = eval_store.read("masks", slice(None))[::repeats]
     per_mask = margins.reshape(len(masks), repeats, -1)
     return masks, per_mask.mean(1), per_mask[:, 0]
 
 
-def evaluate_heldout(dm: Datamodels, masks: np.ndarray, actual_mean: np.ndarray, actual_single: np.ndarray) -> dict:
-    """Predicted vs actual margins on held-out models, against margins averaged over repeats
-    and against single models: pooled Pearson and Spearman over all (mask, target) pairs
-    (dominated by differences between targets), the mean per-target Pearson across masks
-    (what the datamodel adds within a target), and LDS."""
-    pred = dm.predict(masks)
+def evaluate_heldout(weight: np.ndarray, bias: np.ndarray, masks: np.ndarray, actual_mean: np.ndarray,
+                     actual_single: np.ndarray) -> dict:
+    """Predicted vs actual outputs on held-out models, for any linear predictor
+    ``masks @ weight + bias`` (weight (n, t), bias (t,); a datamodel's, or scores with bias 0),
+    against outputs averaged over repeats and against single models: pooled Pearson and
+    Spearman over all (mask, target) pairs (dominated by differences between targets), the
+    mean per-target Pearson across masks (what the predictor adds within a target), and LDS."""
+    pred = np.asarray(masks, np.float64) @ np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
     out = {}
     for label, actual in (("mean", actual_mean), ("single", actual_single)):
         out[f"pearson_{label}"] = float(stats.pearsonr(pred.ravel(), actual.ravel())[0])
         out[f"spearman_{label}"] = float(stats.spearmanr(pred.ravel(), actual.ravel())[0])
         out[f"per_target_pearson_{label}"] = float(columnwise_pearson(pred, actual).mean())
-        out[f"lds_{label}"] = linear_datamodeling_score(dm.weight, masks, actual)
+        out[f"lds_{label}"] = linear_datamodeling_score(weight, masks, actual)
     return out
 
 

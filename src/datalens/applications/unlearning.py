@@ -37,10 +37,10 @@ from sklearn.decomposition import PCA
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from datalens.config import ParamError, resolve_location
-from datalens.engine import mlp_linear_names
-from datalens.outputs import margins_from_logits
-from datalens.runs import SubsetRun
+from datalens.core.config import ParamError, resolve_location
+from datalens.training.engine import mlp_linear_names
+from datalens.tasks.classification import margins_from_logits
+from datalens.training.runs import SubsetRun
 
 METHODS = ("do_nothing", "gd", "ga", "ascent_descent", "scrub", "om", "dmm", "dm_direct")
 FINE_TUNED = ("gd", "ga", "ascent_descent", "scrub", "om", "dmm")

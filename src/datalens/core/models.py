@@ -1,8 +1,10 @@
 """Models by name: ``mlp`` (the digits default), ``cnn`` (small, no batch norm) and
-``resnet9`` (the standard fast CIFAR-10 ResNet-9, with batch norm).
+``resnet9`` (the standard fast CIFAR-10 ResNet-9, with batch norm); or your own, by import
+path (``package.module:function`` or ``path/to/file.py:function``), a function
+``f(input_shape, num_outputs, **model_params) -> nn.Module``.
 
 Models without batch norm or other buffers train batched across models
-(see :mod:`datalens.engine`); ``resnet9`` trains one model at a time.
+(see :mod:`datalens.training.engine`); ``resnet9`` trains one model at a time.
 """
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from datalens.core.data import resolve_callable
 
-def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (64, 64), **_: object) -> nn.Module:
+
+def mlp(input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (64, 64), **_: object) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
-    layers.append(nn.Linear(width, num_classes))
+    layers.append(nn.Linear(width, num_outputs))
     return nn.Sequential(*layers)
 
 
-def cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, **_: object) -> nn.Module:
+def cnn(input_shape: Sequence[int], num_outputs: int, width: int = 32, **_: object) -> nn.Module:
     """Two conv blocks and a linear head; accepts flat inputs of a square image (e.g. digits)."""
     if len(input_shape) == 1:
         side = int(round(math.sqrt(input_shape[0])))
@@ -37,7 +41,7 @@ def cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, **_: obje
         nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(8 * width, num_classes),
+        nn.Linear(8 * width, num_outputs),
     )
 
 
@@ -63,7 +67,7 @@ class _Scale(nn.Module):
         return x * self.factor
 
 
-def resnet9(input_shape: Sequence[int], num_classes: int, width: int = 64, **_: object) -> nn.Module:
+def resnet9(input_shape: Sequence[int], num_outputs: int, width: int = 64, **_: object) -> nn.Module:
     """ResNet-9 as in the fast CIFAR-10 training recipes the datamodels/TRAK papers use."""
     w = width
     return nn.Sequential(
@@ -74,17 +78,25 @@ def resnet9(input_shape: Sequence[int], num_classes: int, width: int = 64, **_: 
         _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2),
         _Residual(nn.Sequential(_conv_bn(8 * w, 8 * w), _conv_bn(8 * w, 8 * w))),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-        nn.Linear(8 * w, num_classes, bias=False), _Scale(0.125),
+        nn.Linear(8 * w, num_outputs, bias=False), _Scale(0.125),
     )
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "resnet9": resnet9}
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is unknown; allowed values: {', '.join(MODELS)}")
-    return MODELS[name](input_shape, num_classes, **kwargs)
+def build_model(name: str, input_shape: Sequence[int], num_outputs: int, repo: str = ".", **kwargs: object) -> nn.Module:
+    """A fresh model by registered name or import path (resolved against ``repo``); the
+    other ``model.*`` params are its keyword arguments."""
+    if name in MODELS:
+        return MODELS[name](input_shape, num_outputs, **kwargs)
+    if ":" not in name:
+        raise ValueError(f"model.name={name!r} is unknown; allowed values: {', '.join(MODELS)}, or an import path "
+                         "'package.module:function' or 'path/to/file.py:function'")
+    model = resolve_callable(name, "model.name", repo)(input_shape, num_outputs, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name={name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def batchable(model: nn.Module) -> bool:

@@ -3,9 +3,9 @@
 
 Per model m (a checkpoint of a subset model):
 
-* ``g_i = d f(z_i) / d theta`` (per-example, :func:`datalens.outputs.per_example_gradients`);
-* ``phi_i = P_m^T g_i`` with P_m a seeded d x k JL matrix (:mod:`datalens.projection`);
-* ``Q_i = 1 - p_i`` (the out-to-loss term of the margin).
+* ``g_i = d f(z_i) / d theta`` for the task's output f (per-example, :func:`datalens.tasks.gradients.per_example_gradients`);
+* ``phi_i = P_m^T g_i`` with P_m a seeded d x k JL matrix (:mod:`datalens.attribution.projection`);
+* ``Q_i``, the task's out-to-loss term (``1 - p_i`` for the classification margin).
 
 Scores: ``tau = diag(avg_m Q_m) * avg_m [ Phi_m (Phi_m^T Phi_m + lambda_m I)^{-1} phi_m(x) ]``
 with ``lambda_m = ridge * trace(Phi_m^T Phi_m) / k``, a ridge relative to the kernel's
@@ -14,7 +14,7 @@ validation subset models that the LDS evaluation never sees. Optional soft-thres
 ``S(tau, t) = sign(tau) max(|tau| - t, 0)``, with t also chosen on validation models
 (the paper has it; the public library does not).
 
-Features of stored checkpoints go to a :class:`~datalens.store.ResumableStore`, one unit
+Features of stored checkpoints go to a :class:`~datalens.core.store.ResumableStore`, one unit
 per checkpoint, with the seconds each step took, so a comparison can charge each k its
 own featurisation cost.
 """
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from datalens.engine import keep_freed_memory, resolve_device
-from datalens.execution import LocalExecutor
-from datalens.outputs import ClassificationMargin, ModelOutput, out_to_loss, per_example_gradients
-from datalens.progress import progress_bar
-from datalens.projection import PROJECTOR_VERSION, Projector
-from datalens.runs import SubsetRun
-from datalens.store import ArraySpec, ResumableStore, open_existing
+from datalens.training.engine import keep_freed_memory, resolve_device
+from datalens.core.execution import LocalExecutor
+from datalens.tasks.base import Task
+from datalens.tasks.gradients import out_to_loss, per_example_gradients
+from datalens.core.progress import progress_bar
+from datalens.attribution.projection import PROJECTOR_VERSION, Projector
+from datalens.training.runs import SubsetRun
+from datalens.core.store import ArraySpec, ResumableStore, open_existing
 
 
 @dataclass
@@ -46,11 +47,10 @@ class ModelFeatures:
     q: torch.Tensor
 
 
-def featurize(model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim: int | Sequence[int] | None, seed: int,
-              model_index: int, kind: str = "rademacher", param_names: Sequence[str] | None = None,
-              task: ModelOutput | None = None, chunk: int = 1024, dtype: torch.dtype = torch.float32,
-              backend: str = "torch", timings: dict | None = None):
-    """Projected per-example gradients of one model, for training and target examples.
+def featurize(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim: int | Sequence[int] | None,
+              seed: int, model_index: int, kind: str = "rademacher", param_names: Sequence[str] | None = None,
+              chunk: int = 1024, dtype: torch.dtype = torch.float32, backend: str = "torch", timings: dict | None = None):
+    """Projected per-example gradients of ``task``'s output for one model, for training and target examples.
 
     Gradients are computed and projected ``chunk`` examples at a time (train and targets
     in one stream), so at most (chunk, d) gradients are held; larger chunks make the
@@ -61,7 +61,6 @@ def featurize(model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim
     """
     if x_train.device.type == "cpu":
         keep_freed_memory()
-    task = task or ClassificationMargin()
     dims = list(proj_dim) if isinstance(proj_dim, (list, tuple)) else [proj_dim]
     x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
     parts: dict = {k: [] for k in dims}
@@ -96,35 +95,85 @@ def kernel_terms(f: ModelFeatures, ridge: float | Sequence[float], target_block:
     blocks, so the (k, t) solve never exceeds one block.
     """
     ridges = [ridge] if isinstance(ridge, (int, float)) else list(ridge)
-    # The big products run in the features' precision; the factorisation in float64, where it matters.
-    phi = f.train
-    n, k = phi.shape
-    # Phi (Phi^T Phi + lam I_k)^{-1} = (Phi Phi^T + lam I_n)^{-1} Phi: solve the smaller system
-    wide = k > n
-    kern = (phi @ phi.T if wide else phi.T @ phi).double()
-    eye = torch.eye(kern.shape[0], dtype=kern.dtype, device=kern.device)
-    scale = torch.trace(kern) / k
+    kern = _kernel(f)
     out = {}
     for r in ridges:
-        chol = torch.linalg.cholesky(kern + r * scale * eye)
-        res = torch.empty(n, f.targets.shape[0], dtype=torch.float64, device=phi.device)
-        for a in range(0, f.targets.shape[0], target_block):
-            tgt = f.targets[a:a + target_block]
-            if wide:
-                res[:, a:a + len(tgt)] = torch.cholesky_solve((phi @ tgt.T).double(), chol)
-            else:
-                res[:, a:a + len(tgt)] = phi @ torch.cholesky_solve(tgt.double().T, chol).to(phi.dtype)
-        out[r] = res
+        fac = _factor(f, r, kern)
+        out[r] = torch.cat([_solve(f, fac, a, a + target_block) for a in range(0, f.targets.shape[0], target_block)], 1)
     return out[ridges[0]] if isinstance(ridge, (int, float)) else out
 
 
-def trak_scores(features: Sequence[ModelFeatures], ridge: float) -> np.ndarray:
-    """Algorithm 1 without thresholding: (n, t) = diag(mean Q) * mean_m kernel_terms."""
+def _kernel(f: ModelFeatures) -> torch.Tensor:
+    # Phi (Phi^T Phi + lam I_k)^{-1} = (Phi Phi^T + lam I_n)^{-1} Phi: factor the smaller system.
+    # The big products run in the features' precision; the factorisation in float64, where it matters.
+    phi = f.train
+    return (phi @ phi.T if phi.shape[1] > phi.shape[0] else phi.T @ phi).double()
+
+
+def _factor(f: ModelFeatures, ridge: float, kern: torch.Tensor | None = None) -> torch.Tensor:
+    """Cholesky factor of the kernel plus lambda I, lambda = ridge * trace / k."""
+    kern = _kernel(f) if kern is None else kern
+    eye = torch.eye(kern.shape[0], dtype=kern.dtype, device=kern.device)
+    return torch.linalg.cholesky(kern + ridge * (torch.trace(kern) / f.train.shape[1]) * eye)
+
+
+def _solve(f: ModelFeatures, chol: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """(n, b - a) float64: Phi (Phi^T Phi + lambda I)^{-1} phi(x) for targets a..b-1."""
+    phi, tgt = f.train, f.targets[a:b]
+    if phi.shape[1] > phi.shape[0]:
+        return torch.cholesky_solve((phi @ tgt.T).double(), chol)
+    return (phi @ torch.cholesky_solve(tgt.double().T, chol).to(phi.dtype)).double()
+
+
+SCORE_BUDGET = 2 << 30  # bytes of float64 scores held in memory; larger score matrices go to a store
+
+
+class ScoreStore(ResumableStore):
+    """Attribution scores too large for memory, written by blocks of targets: ``scores`` (t, n)
+    float32 (row x = every training example's score for target x), resumable per block."""
+
+    kind = "datalens score store"
+
+    def matrix(self, targets: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """(n, len(targets)) float64 scores of the asked-for targets."""
+        return self.read("scores", targets).astype(np.float64).T
+
+
+def score_blocks(features: Sequence[ModelFeatures], ridge: float, target_block: int = 4096, only: set[int] | None = None):
+    """Algorithm 1 without thresholding, a block of targets at a time: yields (start, (n, b) float64)
+    = diag(mean Q) * mean_m Phi_m (Phi_m^T Phi_m + lambda_m I)^{-1} phi_m(x) for targets
+    start..start+b-1. Each model's kernel is factored once for all blocks; ``only`` restricts the
+    work to those block numbers."""
     if not features:
         raise ValueError("TRAK needs at least one model (trak.num_models >= 1)")
-    acc = sum(kernel_terms(f, ridge) for f in features) / len(features)
     q = sum(f.q.double() for f in features) / len(features)
-    return (q[:, None] * acc).cpu().numpy()
+    t = features[0].targets.shape[0]
+    factors = [_factor(f, ridge) for f in features]
+    for a in range(0, t, target_block):
+        if only is not None and a // target_block not in only:
+            continue
+        acc = sum(_solve(f, fac, a, a + target_block) for f, fac in zip(features, factors)) / len(features)
+        yield a, (q[:, None] * acc).cpu().numpy()
+
+
+def trak_scores(features: Sequence[ModelFeatures], ridge: float, store: str | None = None,
+                budget: int = SCORE_BUDGET, target_block: int = 4096) -> np.ndarray | ScoreStore:
+    """TRAK scores (n, t). Held in memory as float64 while they fit ``budget`` bytes; beyond it
+    they are written, a block of targets at a time, to a :class:`ScoreStore` at ``store``
+    (which is then required, and returned)."""
+    if not features:
+        raise ValueError("TRAK needs at least one model (trak.num_models >= 1)")
+    n, t = features[0].train.shape[0], features[0].targets.shape[0]
+    if n * t * 8 <= budget:
+        return np.concatenate([block for _, block in score_blocks(features, ridge, target_block)], axis=1)
+    if store is None:
+        raise ValueError(f"TRAK scores of {n} training examples x {t} targets need {n * t * 8 / 2**30:.1f} GiB as float64, "
+                         f"more than the budget of {budget / 2**30:.1f} GiB: give a store to write them to")
+    out = ScoreStore.open(store, {"trak.ridge": ridge, "models": len(features), "n_train": n}, t, target_block,
+                          {"scores": ArraySpec((n,))})
+    for a, block in score_blocks(features, ridge, target_block, only=set(out.missing_blocks())):
+        out.write_block(a // target_block, {"scores": block.T.astype(np.float32)})
+    return out
 
 
 def soft_threshold(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -143,7 +192,7 @@ class FeatureJob:
     proj_type: str = "rademacher"
     seed: int = 0
     param_names: tuple[str, ...] | None = None
-    backend: str = "torch"  # see datalens.projection.projector_backend; recorded, since it changes P
+    backend: str = "torch"  # see datalens.attribution.projection.projector_backend; recorded, since it changes P
 
     def identity(self) -> dict:
         """What the features depend on: the run's identity (through its checkpoints) and P."""
@@ -185,7 +234,7 @@ def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
     model = run.load_checkpoint(open_existing(run.store), model_index, device)
     load = time.perf_counter() - t0
     timings: dict = {}
-    feats = featurize(model, *run.dataset_().tensors(device), list(job.proj_dims), job.seed, model_index, job.proj_type,
+    feats = featurize(run.make_task(), model, *run.dataset_().tensors(device), list(job.proj_dims), job.seed, model_index, job.proj_type,
                       job.param_names, backend=job.backend, timings=timings)
     store = open_existing(job.store, "r+", FeatureStore)
     values = {"q": next(iter(feats.values())).q.cpu().numpy()[None], "seconds_load": np.array([load]),

@@ -1,4 +1,4 @@
-"""Datasets by name.
+"""Datasets by name, or by import path (your own data).
 
 ``digits``: scikit-learn's embedded 8x8 handwritten digits (ships with
 scikit-learn, so no download), a fixed stratified 1347/450 split, features
@@ -7,13 +7,22 @@ standardised with training statistics.
 ``cifar10`` / ``cifar2`` (cat vs dog): read from the official CIFAR-10 python
 tarball ``<root>/cifar-10-python.tar.gz``, which ``data.dvc`` tracks as an
 import of the official URL.
+
+Your own data: ``data.dataset: package.module:function`` or ``path/to/file.py:function``
+(relative to the repo root) names a function ``f(root) -> Dataset`` (see
+:meth:`Dataset.from_arrays`); docs/using-your-own-model.md.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import pickle
+import sys
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,6 +67,33 @@ class Dataset:
     @property
     def n_test(self) -> int:
         return len(self.y_test)
+
+    @classmethod
+    def from_arrays(cls, name: str, x_train, y_train, x_test, y_test, num_classes: int | None = None,
+                    class_names=None, images_train=None, images_test=None) -> "Dataset":
+        """A dataset from arrays: inputs (n, ...) float32, targets (n, ...) (labels for
+        classification). Images for figures default to the inputs seen as images: (n, H, W)
+        or (n, C, H, W) inputs as they are (min-max scaled), anything else as a one-row strip."""
+        x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
+        y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+        if y_train.dtype.kind in "iub":
+            y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
+        if num_classes is None:
+            num_classes = int(max(y_train.max(), y_test.max()) + 1) if y_train.dtype == np.int64 else 0
+        class_names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(num_classes))
+        return cls(name, x_train, y_train, x_test, y_test, num_classes, class_names,
+                   _as_images(x_train) if images_train is None else np.asarray(images_train, np.float32),
+                   _as_images(x_test) if images_test is None else np.asarray(images_test, np.float32))
+
+    def content_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the training and test inputs and targets: part of every
+        store's identity, so editing a dataset never silently reuses models trained on the old one."""
+        h = hashlib.sha256()
+        for a in (self.x_train, self.y_train, self.x_test, self.y_test):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:16]
 
     def tensors(self, device="cpu"):
         """(x_train, y_train, x_test, y_test) as torch tensors on ``device``."""
@@ -128,15 +164,63 @@ def load_cifar(root: str | Path = "data", classes: tuple[int, ...] | None = None
     )
 
 
+def _as_images(x: np.ndarray) -> np.ndarray:
+    """Inputs as displayable images in [0, 1]: (n, H, W) or (n, C, H, W) kept (channels last), else a strip."""
+    img = x.reshape(len(x), 1, -1) if x.ndim not in (3, 4) else (x.transpose(0, 2, 3, 1) if x.ndim == 4 else x)
+    if img.ndim == 4 and img.shape[-1] == 1:
+        img = img[..., 0]
+    lo, hi = float(img.min(initial=0.0)), float(img.max(initial=1.0))
+    return ((img - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
+
+
 DATASETS = {
     "digits": lambda root: load_digits(),
     "cifar10": lambda root: load_cifar(root),
     "cifar2": lambda root: load_cifar(root, classes=(3, 5)),
 }
+# Sizes of the registered datasets, so params can be checked without reading a 170 MB tarball
+# (tests/test_data.py checks them against the loaded data); a dataset given by import path is
+# loaded to learn its sizes.
+REGISTERED_SIZES = {"digits": (1347, 450), "cifar10": (50000, 10000), "cifar2": (10000, 2000)}
 
 
-TEST_SIZES = {"digits": 450, "cifar10": 10000, "cifar2": 2000}
-TRAIN_SIZES = {"digits": 1347, "cifar10": 50000, "cifar2": 10000}
+def resolve_callable(spec: str, key: str, root: str | Path = ".") -> Callable:
+    """The function an import path names: ``package.module:function``, or
+    ``path/to/file.py:function`` (relative to ``root``, the repo). Raises ValueError naming ``key``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{key}={spec!r} is not allowed; it must be a registered name or an import path "
+                         "'package.module:function' or 'path/to/file.py:function'")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name) if Path(module_name).is_absolute() else Path(root) / module_name
+            if not path.exists():
+                raise ValueError(f"{key}={spec!r} is not allowed; no file {path}")
+            name = f"datalens_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+            module = sys.modules.get(name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module  # so workers and pickling find it again
+                loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say which and why, in one line
+        raise ValueError(f"{key}={spec!r} is not allowed; importing {module_name} failed: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{key}={spec!r} is not allowed; {module_name} has no function {attr!r}")
+    return fn
+
+
+def dataset_sizes(name: str, root: str | Path = "data", repo: str | Path = ".") -> tuple[int, int]:
+    """(n_train, n_test) of a dataset by name or import path."""
+    if name in REGISTERED_SIZES:
+        return REGISTERED_SIZES[name]
+    ds = load_dataset(name, root, repo=repo)
+    return ds.n_train, ds.n_test
 
 
 def _image_view(x: np.ndarray) -> np.ndarray:
@@ -193,13 +277,22 @@ def blank_region(ds: Dataset, size: int, row: int, col: int) -> Dataset:
     return replace(ds, x_train=stamp(ds.x_train, size, row, col, 0.0), x_test=stamp(ds.x_test, size, row, col, 0.0))
 
 
-def load_dataset(name: str, root: str | Path = "data", patch: dict | None = None, blank: dict | None = None) -> Dataset:
-    """Load a registered dataset by name (see :data:`DATASETS`), with a planted ``patch``
-    (keyword arguments of :func:`plant_patch`) and then a ``blank`` preprocessing (of
+def load_dataset(name: str, root: str | Path = "data", patch: dict | None = None, blank: dict | None = None,
+                 repo: str | Path = ".") -> Dataset:
+    """Load a dataset by registered name (see :data:`DATASETS`) or import path (a function
+    ``f(root) -> Dataset``, resolved against ``repo``), with a planted ``patch`` (keyword
+    arguments of :func:`plant_patch`) and then a ``blank`` preprocessing (of
     :func:`blank_region`) when given."""
-    if name not in DATASETS:
-        raise ValueError(f"data.dataset={name!r} is unknown; allowed values: {', '.join(DATASETS)}")
-    ds = DATASETS[name](root)
+    if name in DATASETS:
+        ds = DATASETS[name](root)
+    elif ":" in name:
+        ds = resolve_callable(name, "data.dataset", repo)(root)
+        if not isinstance(ds, Dataset):
+            raise ValueError(f"data.dataset={name!r} returned {type(ds).__name__}, not a datalens Dataset "
+                             "(build one with Dataset.from_arrays)")
+    else:
+        raise ValueError(f"data.dataset={name!r} is unknown; allowed values: {', '.join(DATASETS)}, or an import path "
+                         "'package.module:function' or 'path/to/file.py:function'")
     if patch:
         ds = plant_patch(ds, **patch)
     if blank:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datalens import attribution, datamodels
-from datalens.engine import init_models, train_models
-from datalens.evaluation import linear_datamodeling_score, select_by_lds
-from datalens.runs import SubsetRun
-from datalens.store import SubsetStore
-from datalens.trak import FeatureStore, kernel_terms, soft_threshold
+from datalens.attribution import baselines, datamodels
+from datalens.training.engine import init_models, train_models
+from datalens.evaluation.metrics import linear_datamodeling_score, select_by_lds
+from datalens.training.runs import SubsetRun
+from datalens.core.store import SubsetStore
+from datalens.attribution.trak import FeatureStore, kernel_terms, soft_threshold
 
 ACCOUNTING = ("Charged to every method: each trained model it uses (subset models, checkpoints, and the {s} "
               "validation models on which it chooses a hyperparameter) at {rate:.1f} ms per model, plus its own "
@@ -122,7 +122,7 @@ def run_empirical_influence(cmp: Comparison, store: SubsetStore, counts: list[in
     done = np.flatnonzero(store.completed())
     for n in counts:
         t0 = time.perf_counter()
-        scores = attribution.empirical_influence(store.read("masks", done[:n]), store.read("test_margins", done[:n]))
+        scores = baselines.empirical_influence(store.read("masks", done[:n]), store.read("test_outputs", done[:n]))
         cmp.add("empirical_influence", n, time.perf_counter() - t0, scores, False)
 
 
@@ -132,24 +132,25 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     representation similarity, influence functions (explicit Hessian over the last layer; CG
     over all parameters). Dampings are chosen on validation models. Checkpoint loading is timed."""
     x_tr, y_tr, x_te, y_te = run.dataset_().tensors()
+    task = run.make_task()
     n_max = max(ensemble_sizes)
     load, models = [], []
     for m in range(n_max):
         t0 = time.perf_counter()
         models.append(run.load_checkpoint(store, m))
         load.append(time.perf_counter() - t0)
-    for name, fn in (("grad_dot", attribution.grad_dot), ("grad_cosine", attribution.grad_cosine)):
+    for name, fn in (("grad_dot", baselines.grad_dot), ("grad_cosine", baselines.grad_cosine)):
         total, own = 0.0, 0.0
         for m in range(n_max):
             t0 = time.perf_counter()
-            total = total + fn(models[m], x_tr, y_tr, x_te, y_te)
+            total = total + fn(task, models[m], x_tr, y_tr, x_te, y_te)
             own += load[m] + time.perf_counter() - t0
             if m + 1 in ensemble_sizes:
                 cmp.add(name, m + 1, own, total / (m + 1), False)
     sums, own = {d: 0.0 for d in ekfac_dampings}, 0.0
     for m in range(n_max):
         t0 = time.perf_counter()
-        for d, s in attribution.ekfac_influence(models[m], x_tr, y_tr, x_te, y_te, ekfac_dampings, seed=run.seed + m).items():
+        for d, s in baselines.ekfac_influence(task, models[m], x_tr, y_tr, x_te, y_te, ekfac_dampings, seed=run.seed + m).items():
             sums[d] = sums[d] + s
         own += load[m] + time.perf_counter() - t0
         if m + 1 in ensemble_sizes:
@@ -158,11 +159,11 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
             cmp.add("ekfac_influence", m + 1, own + time.perf_counter() - t0, sums[best] / (m + 1), True, damping=best)
     t0 = time.perf_counter()
     cmp.add("representation_similarity", 1, load[0] + time.perf_counter() - t0,
-            attribution.representation_similarity(models[0], x_tr, x_te), False)
+            baselines.representation_similarity(models[0], x_tr, x_te), False)
     mask = store.read("masks", np.arange(1))[0]
     t0 = time.perf_counter()
-    candidates = attribution.influence_explicit(models[0], x_tr, y_tr, mask, x_te, y_te, damping=list(dampings),
-                                                param_names=attribution.last_layer_params(models[0]))
+    candidates = baselines.influence_explicit(task, models[0], x_tr, y_tr, mask, x_te, y_te, damping=list(dampings),
+                                                param_names=baselines.last_layer_params(models[0]))
     best, _ = cmp.select(candidates)
     cmp.add("influence_explicit", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="last layer")
     # CG over all parameters, from the largest damping down: stop at the first indefinite system
@@ -170,7 +171,7 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     candidates = {}
     for d in sorted(dampings, reverse=True):
         try:
-            candidates[d] = attribution.influence_cg(models[0], x_tr, y_tr, mask, x_te, y_te, damping=d, iters=cg_iters)
+            candidates[d] = baselines.influence_cg(task, models[0], x_tr, y_tr, mask, x_te, y_te, damping=d, iters=cg_iters)
         except ValueError:
             break
     if candidates:
@@ -182,8 +183,8 @@ def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epoch
     """TracIn over snapshots of one model's training. The model is retrained here only because
     the store keeps final weights; it is charged as one model at the common per-model rate."""
     x_tr, y_tr, x_te, y_te = run.dataset_().tensors()
-    seeds = run.model_seeds(0, 1)
-    trained = train_models(init_models(run.build_model, seeds), x_tr, y_tr, mask[None], seeds, run.settings,
+    seeds, task = run.model_seeds(0, 1), run.make_task()
+    trained = train_models(task, init_models(run.build_model, seeds), x_tr, y_tr, mask[None], seeds, run.settings,
                            snapshot_epochs=snapshot_epochs)
     t0 = time.perf_counter()
     checkpoints = []
@@ -191,7 +192,7 @@ def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epoch
         m = run.build_model()
         m.load_state_dict(state)
         checkpoints.append(m)
-    scores = attribution.tracin(checkpoints, [run.settings.lr] * len(checkpoints), x_tr, y_tr, x_te, y_te)
+    scores = baselines.tracin(task, checkpoints, [run.settings.lr] * len(checkpoints), x_tr, y_tr, x_te, y_te)
     cmp.add("tracin", 1, time.perf_counter() - t0, scores, False, checkpoints=len(checkpoints))
 
 

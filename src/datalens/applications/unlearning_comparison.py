@@ -2,7 +2,7 @@
 run (forget sets and each set's attributed contribution to every logit), the problem each forget
 set poses (its oracles' margins, OM's targets, DMM's contribution), every method at every
 setting on every set, learning rates chosen on the select sets only, and the summaries the
-figures and the metrics are drawn from. The methods and KLoM are :mod:`datalens.unlearning`.
+figures and the metrics are drawn from. The methods and KLoM are :mod:`datalens.applications.unlearning`.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from datalens.config import ParamError
-from datalens.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
-from datalens.progress import progress_bar
-from datalens.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, datamodel_components, epoch_cost,
+from datalens.core.config import ParamError
+from datalens.attribution.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
+from datalens.core.progress import progress_bar
+from datalens.applications.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, datamodel_components, epoch_cost,
                                  example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
                                  predicted_logits, settings_from_params, split_indices, unlearn)
 
@@ -43,7 +43,7 @@ def best_setting(scores: dict[tuple[float, float], float]) -> tuple[float, float
 
 class StoreLogits:
     """The logits of a store's models as a (N, (n_train + n_test) * C) array that reads by rows,
-    so a store too large for memory streams through :func:`~datalens.datamodels.ridge_set_contributions`."""
+    so a store too large for memory streams through :func:`~datalens.attribution.datamodels.ridge_set_contributions`."""
 
     def __init__(self, store):
         self.store = store
@@ -64,7 +64,7 @@ def load_outputs(store, rows: np.ndarray | slice, logits: bool = True) -> np.nda
     float32 margins, of the store's models ``rows``: train examples first, then test."""
     if logits:
         return np.concatenate([store.read("train_logits", rows), store.read("test_logits", rows)], axis=1)
-    return np.concatenate([store.read("train_margins", rows), store.read("test_margins", rows)], axis=1)
+    return np.concatenate([store.read("train_outputs", rows), store.read("test_outputs", rows)], axis=1)
 
 
 @dataclass
@@ -92,10 +92,10 @@ def attribute(main_store, u: dict, n_train: int, num_classes: int, device: str =
     sets, then the forget sets, then each set's contribution to every logit."""
     t0 = time.perf_counter()
     masks = main_store.read("masks")
-    train_margins = main_store.read("train_margins")
+    train_outputs = main_store.read("train_outputs")
     ridges = [float(r) for r in u["ridge_grid"]]
-    margin_ridge, margin_mse = select_ridge(masks, train_margins, ridges, u["val_fraction"], u["seed"], device)
-    weights = ridge_datamodels(masks, train_margins, margin_ridge, device).weight.T  # (targets, train examples)
+    margin_ridge, margin_mse = select_ridge(masks, train_outputs, ridges, u["val_fraction"], u["seed"], device)
+    weights = ridge_datamodels(masks, train_outputs, margin_ridge, device).weight.T  # (targets, train examples)
     components = max([s.get("component", 1) for s in u["forget_sets"]])
     scores = datamodel_components(weights, components, u["seed"])
     sets = make_forget_sets(u["forget_sets"], n_train, u["seed"], scores)
@@ -165,7 +165,7 @@ class Problem:
 def make_problem(forget: ForgetSet, oracle_store, num_models: int, om_oracles: int, contribution: np.ndarray,
                  labels: np.ndarray, device) -> Problem:
     """The problem of one forget set; labels: (n_train + n_test,) of the train then test examples."""
-    n_train = oracle_store.group["train_margins"].shape[1]
+    n_train = oracle_store.group["train_outputs"].shape[1]
     n_test = len(labels) - n_train
     out = load_outputs(oracle_store, slice(0, 2 * num_models), logits=False)
     logits = load_outputs(oracle_store, slice(0, num_models + om_oracles)).astype(np.float32)  # oracles, then OM's

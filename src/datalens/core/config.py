@@ -9,15 +9,15 @@ code.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from datalens.data import DATASETS, TEST_SIZES, TRAIN_SIZES
-from datalens.models import MODELS
+from datalens.core.data import DATASETS, dataset_sizes, resolve_callable
+from datalens.core.models import MODELS
 
 
 class ParamError(ValueError):
@@ -59,56 +59,70 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 # --- validators -------------------------------------------------------------
+# Each param's type is a pydantic v2 schema (strict: no coercion of "1" or true to numbers);
+# a failure becomes one line naming the key, the value and what is allowed. Values are
+# validated, never replaced, so a store's identity sees exactly what params.yaml says.
 
-def _choice(*allowed: str) -> Callable[[str, Any], None]:
+class Param:
+    """One param's check: a pydantic schema and, for the message, what it allows."""
+
+    def __init__(self, schema: Any, allowed: str):
+        self.adapter, self.allowed = TypeAdapter(schema), allowed
+
+    def __call__(self, key: str, v: Any) -> None:
+        try:
+            self.adapter.validate_python(v)
+        except ValidationError:
+            raise ParamError(f"{key}={v!r} is not allowed; {self.allowed}") from None
+
+
+def _bounds(lo, hi, lo_open=False, hi_open=False) -> dict:
+    return {k: v for k, v in (("gt" if lo_open else "ge", lo), ("lt" if hi_open else "le", hi)) if v is not None}
+
+
+def _choice(*allowed: str) -> Param:
+    return Param(Literal[allowed], f"allowed values: {', '.join(allowed)}")
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Param:
+    return Param(Annotated[int, Field(strict=True, **_bounds(lo, hi))],
+                 f"it must be an integer {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}")
+
+
+_FINITE = {"strict": True, "allow_inf_nan": False}
+
+
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Param:
+    left, right = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
+    return Param(Annotated[float, Field(**_FINITE, **_bounds(lo, hi, lo_open, hi_open))],
+                 f"it must be a finite number in {left}{lo}, {hi if hi is not None else 'inf'}{right}")
+
+
+def _int_list(lo: int = 1) -> Param:
+    return Param(Annotated[list[Annotated[int, Field(strict=True, ge=lo)]], Field(strict=True, min_length=1)],
+                 f"it must be a non-empty list of integers >= {lo}")
+
+
+def _float_list(lo: float = 0.0) -> Param:
+    return Param(Annotated[list[Annotated[float, Field(**_FINITE, gt=lo)]], Field(strict=True, min_length=1)],
+                 f"it must be a non-empty list of finite numbers > {lo}")
+
+
+_str = Param(Annotated[str, Field(strict=True, min_length=1)], "it must be a non-empty string")
+_bool = Param(Annotated[bool, Field(strict=True)], "it must be true or false")
+
+
+def _fields(**checks: Param) -> Callable[[str, Any], None]:
+    """A mapping with exactly these fields (a pydantic model that forbids others), each field's
+    failure named as ``key.field``."""
+    model = create_model("Fields", __config__=ConfigDict(extra="forbid", strict=True),
+                         **{name: (Any, ...) for name in checks})
+
     def check(key: str, v: Any) -> None:
-        if v not in allowed:
-            raise ParamError(f"{key}={v!r} is not allowed; allowed values: {', '.join(allowed)}")
-    return check
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], None]:
-    def check(key: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise ParamError(f"{key}={v!r} is not allowed; it must be an integer {rng}")
-    return check
-
-
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Callable[[str, Any], None]:
-    def check(key: str, v: Any) -> None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if ok and lo is not None:
-            ok = v > lo if lo_open else v >= lo
-        if ok and hi is not None:
-            ok = v < hi if hi_open else v <= hi
-        if not ok:
-            left, right = "(" if lo_open else "[", ")" if hi_open or hi is None else "]"
-            raise ParamError(f"{key}={v!r} is not allowed; it must be a finite number in "
-                             f"{left}{lo}, {hi if hi is not None else 'inf'}{right}")
-    return check
-
-
-def _int_list(lo: int = 1) -> Callable[[str, Any], None]:
-    def check(key: str, v: Any) -> None:
-        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < lo for x in v):
-            raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty list of integers >= {lo}")
-    return check
-
-
-def _float_list(lo: float = 0.0) -> Callable[[str, Any], None]:
-    def check(key: str, v: Any) -> None:
-        if not isinstance(v, list) or not v or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
-                                                   or x <= lo for x in v):
-            raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty list of finite numbers > {lo}")
-    return check
-
-
-def _fields(**checks: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
-    """A mapping with exactly these fields, each checked by its validator."""
-    def check(key: str, v: Any) -> None:
-        if not isinstance(v, dict) or set(v) != set(checks):
-            raise ParamError(f"{key}={v!r} is not allowed; it must be a mapping with the fields {', '.join(checks)}")
+        try:
+            model.model_validate(v)
+        except ValidationError:
+            raise ParamError(f"{key}={v!r} is not allowed; it must be a mapping with the fields {', '.join(checks)}") from None
         for name, field_check in checks.items():
             field_check(f"{key}.{name}", v[name])
     return check
@@ -132,17 +146,20 @@ def _overrides(key: str, v: Any) -> None:
                              f"{', '.join(sorted(x for x in SCHEMA if x.split('.')[0] in ('model', 'train')))}")
 
 
-def _str(key: str, v: Any) -> None:
-    if not isinstance(v, str) or not v:
-        raise ParamError(f"{key}={v!r} is not allowed; it must be a non-empty string")
+def _name_or_import_path(*registered: str) -> Callable[[str, Any], None]:
+    """A registered name, or an import path of the user's own function (``package.module:function``
+    or ``path/to/file.py:function``); whether the path resolves is checked in :func:`validate`."""
+    def check(key: str, v: Any) -> None:
+        if v in registered:
+            return
+        module, _, attr = v.partition(":") if isinstance(v, str) else ("", "", "")
+        if not module or not attr or not attr.isidentifier():
+            raise ParamError(f"{key}={v!r} is not allowed; allowed values: {', '.join(registered)}, or an import path "
+                             "'package.module:function' or 'path/to/file.py:function'")
+    return check
 
 
-def _bool(key: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        raise ParamError(f"{key}={v!r} is not allowed; it must be true or false")
-
-
-UNLEARNING_METHODS = ("gd", "ga", "ascent_descent", "scrub", "om", "dmm")  # the fine-tuned ones (datalens.unlearning)
+UNLEARNING_METHODS = ("gd", "ga", "ascent_descent", "scrub", "om", "dmm")  # the fine-tuned ones (datalens.applications.unlearning)
 
 
 def _forget_sets(key: str, v: Any) -> None:
@@ -201,9 +218,9 @@ _TRAIN = {
 MIN_RANKED = 5  # models in a validation or evaluation set: fewer cannot rank hyperparameters by Spearman
 
 SCHEMA: dict[str, Callable[[str, Any], None]] = {
-    "data.dataset": _choice(*DATASETS),
+    "data.dataset": _name_or_import_path(*DATASETS),
     "data.root": _str,
-    "model.name": _choice(*MODELS),
+    "model.name": _name_or_import_path(*MODELS),
     "model.hidden": _int_list(1),
     "model.width": _int(1),
     "device": _choice("auto", "cpu", "cuda"),
@@ -280,18 +297,38 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
 }
 
 
-def validate(flat: dict[str, Any]) -> None:
-    """Check every dotted key in ``flat`` against :data:`SCHEMA`, then the rules that tie keys
-    together (:func:`check_consistency`); raise :class:`ParamError` naming the keys."""
+def _own_model(flat: dict[str, Any]) -> bool:
+    return ":" in str(flat.get("model.name", ""))
+
+
+def validate(flat: dict[str, Any], root: str | Path = ".") -> None:
+    """Check every dotted key in ``flat`` against :data:`SCHEMA`, that import paths of your own
+    data and model resolve (against the repo ``root``), then the rules that tie keys together
+    (:func:`check_consistency`); raise :class:`ParamError` naming the keys. A model given by
+    import path takes any other ``model.*`` keys as its keyword arguments."""
     for key, value in flat.items():
         if key not in SCHEMA:
+            if key.startswith("model.") and _own_model(flat):
+                continue
             raise ParamError(f"unknown param '{key}'; known params: {', '.join(sorted(SCHEMA))}")
         SCHEMA[key](key, value)
-    check_consistency(flat)
+    for key, registered in (("data.dataset", DATASETS), ("model.name", MODELS)):
+        if key in flat and flat[key] not in registered:
+            try:
+                resolve_callable(flat[key], key, root)
+            except ValueError as exc:
+                raise ParamError(str(exc)) from None
+    check_consistency(flat, root)
 
 
-def check_consistency(flat: dict[str, Any]) -> None:
+def check_consistency(flat: dict[str, Any], root: str | Path = ".") -> None:
     """Rules between params, each checked when all its keys are present."""
+
+    def sizes(dataset: str) -> tuple[int, int]:
+        try:
+            return dataset_sizes(dataset, resolve_location({"_root": str(root)}, flat.get("data.root", "data")), root)
+        except (ValueError, OSError) as exc:
+            raise ParamError(f"data.dataset={dataset!r} could not be loaded to learn its size: {exc}") from None
 
     def rule(keys: tuple[str, ...], ok: Callable[..., bool], allowed: str) -> None:
         if all(k in flat for k in keys) and not ok(*(flat[k] for k in keys)):
@@ -308,7 +345,7 @@ def check_consistency(flat: dict[str, Any]) -> None:
          "every datamodels.model_counts must be <= train.num_models")
     rule(("datamodels.model_counts", "datamodels.val_fraction"), lambda c, f: round(min(c) * f) >= MIN_RANKED,
          f"the validation split of the smallest count must hold >= {MIN_RANKED} models to choose lambda")
-    rule(("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= TEST_SIZES[d],
+    rule(("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= sizes(d)[1],
          "counterfactuals.num_targets must be <= the test set size")
     rule(("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
     rule(("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
@@ -321,7 +358,7 @@ def check_consistency(flat: dict[str, Any]) -> None:
          "modeldiff.trak_models must be <= modeldiff.num_checkpoints")
     rule(("unlearning.om_oracles", "unlearning.num_models"), lambda o, n: o <= n,
          "unlearning.om_oracles must be <= unlearning.num_models (OM averages that many of the independent oracles)")
-    rule(("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < TRAIN_SIZES[d] for s in sets),
+    rule(("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < sizes(d)[0] for s in sets),
          "every forget set must be smaller than the training set")
 
 
@@ -383,7 +420,7 @@ def stage_params(stage: str, params_path: str | Path = "params.yaml", overrides:
             raise ParamError(f"override '{k}' is not a param of stage '{stage}'; its params: {', '.join(keys)}")
         full[k] = v
     flat = {k: full[k] for k in declared}
-    validate(flat)
+    validate(flat, root)
     if environment:
         check_environment(flat)
     tree: dict = {}
@@ -396,7 +433,12 @@ def stage_params(stage: str, params_path: str | Path = "params.yaml", overrides:
 def check_params_file(path: str | Path = "params.yaml") -> None:
     """Validate a whole params file (every key and every rule between keys): ``make repro``
     runs this before ``dvc repro``, so a bad value stops the pipeline before any stage."""
-    validate(flatten(load_params(path)))
+    path = Path(path).resolve()
+    try:
+        root = repo_root(path.parent)
+    except FileNotFoundError:  # a params file outside any repo: import paths resolve beside it
+        root = path.parent
+    validate(flatten(load_params(path)), root)
 
 
 if __name__ == "__main__":
@@ -413,4 +455,4 @@ if __name__ == "__main__":
         sys.exit(f"params: {exc}")
     if stamp:
         Path(stamp).parent.mkdir(parents=True, exist_ok=True)
-        Path(stamp).write_text("params.yaml passed every check of datalens.config\n")
+        Path(stamp).write_text("params.yaml passed every check of datalens.core.config\n")

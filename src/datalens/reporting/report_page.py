@@ -275,5 +275,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m datalens.report_page EXECUTED_NOTEBOOK OUTPUT_HTML")
+        sys.exit("usage: python -m datalens.reporting.report_page EXECUTED_NOTEBOOK OUTPUT_HTML")
     print(f"report written to {render_html(sys.argv[1], sys.argv[2])}")

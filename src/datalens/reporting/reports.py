@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datalens import plots
-from datalens.store import SubsetStore
+from datalens.reporting import plots
+from datalens.core.store import SubsetStore
 
 
 def report_subset_run(store: SubsetStore, fig_dir) -> dict:
@@ -14,9 +14,9 @@ def report_subset_run(store: SubsetStore, fig_dir) -> dict:
     and the mean margin of a target with and without the training example whose inclusion
     moves it most."""
     fig_dir = Path(fig_dir)
-    test = store.read("test_margins")
+    test = store.read("test_outputs")
     masks = store.read("masks")
-    acc = store.read("test_accuracy")
+    acc = store.read("test_metric")
     target = int(np.argmin(np.abs(np.median(test, 0))))  # the least certain target shows effects best
     counts_in = masks.sum(0)
     mean_in = masks.T.astype(np.float64) @ test[:, target] / np.maximum(counts_in, 1)

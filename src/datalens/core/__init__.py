@@ -1,0 +1,1 @@
+"""Layer 0: params, datasets, architectures, seeded sampling, stores, executors and progress. Knows no task."""
