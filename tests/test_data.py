@@ -5,7 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from datalens.core.data import CIFAR_FETCH_COMMAND, load_cifar, load_dataset, load_digits
+from datalens.core.data import CIFAR_FETCH_COMMAND, dataset_sizes, load_cifar, load_dataset, load_digits
 
 
 def test_digits_split_is_fixed_stratified_and_standardised():
@@ -69,3 +69,11 @@ def test_data_dvc_imports_the_official_tarball_with_its_checksum(root):
     assert spec["deps"][0]["path"] == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     out = spec["outs"][0]
     assert (out["md5"], out["size"], out["path"]) == ("c58f30108f718f92721af3b95e74349a", 170498071, "data/cifar-10-python.tar.gz")
+
+
+def test_sizes_come_from_the_data(tmp_path):
+    assert dataset_sizes("digits") == (1347, 450)
+    assert dataset_sizes("cifar10", str(tmp_path)) == (50000, 10000)  # before the tarball is fetched: the published sizes
+    _tiny_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
+    dataset_sizes.cache_clear()  # sizes are cached per process
+    assert dataset_sizes("cifar10", str(tmp_path)) == (30, 6)  # then the data's own

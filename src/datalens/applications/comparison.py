@@ -209,3 +209,12 @@ def overtaking_point(records: list[dict], method: str = "datamodels", rival: str
     first = better[0]
     return {"models": first["models"], "seconds": first["seconds"], "lds": first["lds"], f"{rival}_best_lds": top["lds"],
             f"{rival}_best_models": top["models"], f"{rival}_best_seconds": top["seconds"]}
+
+
+def stage_summary(cmp: Comparison, proj_dim: int) -> dict:
+    """What stage attribution_comparison writes: the rate and accounting, every record, each
+    method's best LDS and where datamodels overtake TRAK at projection dimension ``proj_dim``."""
+    recs = cmp.records
+    return {"seconds_per_model": cmp.seconds_per_model, "selection_models": cmp.selection_models, "accounting": cmp.caption(),
+            "records": recs, "best_lds": {m: max(r["lds"] for r in recs if r["method"] == m) for m in sorted({r["method"] for r in recs})},
+            "datamodels_overtake_trak": overtaking_point(recs, proj_dim=proj_dim)}

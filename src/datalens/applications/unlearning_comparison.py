@@ -17,6 +17,7 @@ from torch import nn
 from datalens.core.config import ParamError
 from datalens.attribution.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
 from datalens.core.progress import progress_bar
+from datalens.tasks.gradients import raw_outputs
 from datalens.applications.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, datamodel_components, epoch_cost,
                                  example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
                                  predicted_logits, settings_from_params, split_indices, unlearn)
@@ -435,3 +436,53 @@ def extra_compute(om_oracles: int, train_epochs: int, attribution_models: int, a
     DMM's and DM-direct's datamodels were fit on (once, for every forget set)."""
     attribution = float(attribution_models * alpha * train_epochs)
     return {"om": float(om_oracles * train_epochs), "dmm": attribution, "dm_direct": attribution}
+
+
+# -- the whole comparison, as the stage runs it ---------------------------------------------------
+
+@dataclass
+class Comparison:
+    """Every method on the select sets (``selected``), the learning rates chosen on them per kind
+    of set (``choices``), every method at those rates on each reported set (``reported``, in the
+    params' order) with the choice that applies to it (``choice_of``), and the summary."""
+
+    selected: dict
+    choices: dict[str, Choice]
+    reported: dict
+    choice_of: dict[str, Choice]
+    summary: dict
+
+
+def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem], u: dict,
+                   extra: dict[str, float]) -> Comparison:
+    """Choose on the select sets, then evaluate each reported set at the choice for its kind."""
+    select = [pr for pr in problems if pr.forget.select]
+    selected = evaluate_methods(models, own_logits, data, select, u)
+    choices = choose(selected, [pr.forget for pr in select])
+    reported = {}
+    for kind, choice in choices.items():
+        reported.update(evaluate_methods(models, own_logits, data, [pr for pr in problems if not pr.forget.select
+                                                                    and pr.forget.kind == kind], u, lrs=choice.learning_rates))
+    reported = {pr.forget.name: reported[pr.forget.name] for pr in problems if not pr.forget.select}
+    choice_of = {pr.forget.name: choice_for(pr.forget, choices) for pr in problems if not pr.forget.select}
+    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra))
+
+
+def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dict, comparison: Comparison,
+                  extra: dict[str, float]) -> dict:
+    """Everything stage ``unlearning`` writes to its metrics file."""
+    return {"num_models": num_models, "direction": u["klom"]["direction"], "attribution": {
+                "margin_ridge": attribution.margin_ridge, "logit_ridge": attribution.logit_ridge, "seconds": attribution.seconds,
+                "lasso_check": lasso},
+            "selection": {kind: {"lr_per_budget": jsonable(c.per_budget), "best": c.best} for kind, c in comparison.choices.items()},
+            "extra_epochs": extra, **jsonable({k: v for k, v in comparison.summary.items() if k != "curves"}),
+            "sets": jsonable(comparison.reported), "select_sets": jsonable(comparison.selected)}
+
+
+def base_outputs(models: Sequence[nn.Module], ds, task, device) -> tuple[dict, torch.Tensor]:
+    """The data every method is run on (``x_train``, ``y_train`` and ``x_all``, ``y_all``: training
+    then test examples, on ``device``) and the base models' logits on all of it, (M, n + t, C),
+    streamed in chunks of examples."""
+    x_tr, y_tr, x_te, y_te = ds.tensors(device)
+    data = {"x_train": x_tr, "y_train": y_tr, "x_all": torch.cat([x_tr, x_te]), "y_all": torch.cat([y_tr, y_te])}
+    return data, torch.stack([raw_outputs(m, data["x_all"], data["y_all"], task) for m in models])

@@ -1,0 +1,60 @@
+"""What stage fit_datamodels reports about datamodels: their quality on held-out models as the
+number of training models grows, train-test leakage (the largest weights pair near-duplicates),
+and the datamodel embedding (PCA of the targets' weight vectors). Figures are drawn by the
+notebook from these results."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from sklearn.decomposition import PCA
+
+from datalens.attribution.datamodels import Datamodels, fit_from_store
+from datalens.core.data import Dataset
+from datalens.evaluation.metrics import evaluate_heldout
+
+
+def fit_and_grow(train_store, held_out: tuple[np.ndarray, np.ndarray, np.ndarray], solver: dict, val_fraction: float,
+                 seed: int, model_counts: list[int]) -> tuple[Datamodels, dict, dict[int, tuple[Datamodels, float]]]:
+    """Datamodels on every completed model of ``train_store`` and refits on the first
+    ``model_counts`` (those below the total), each scored on ``held_out`` = (masks (m, n),
+    outputs averaged over repeats (m, t), outputs of one repeat (m, t)).
+
+    Returns the full fit, its result (held-out scores, sparsity, unconverged solves and
+    ``growth``: the scores per model count, the full fit's last) and every fit with its wall
+    seconds, by model count (stage 05 charges them instead of refitting)."""
+    t0 = time.perf_counter()
+    dm, diag = fit_from_store(train_store, val_fraction=val_fraction, seed=seed, **solver)
+    num_models = int(train_store.completed().sum())
+    fits = {num_models: (dm, time.perf_counter() - t0)}
+    result = {"num_models": num_models, **evaluate_heldout(dm.weight, dm.bias, *held_out)}
+    result["mean_nonzero_weights"] = float((dm.weight != 0).sum(0).mean())
+    result["unconverged_solves"] = int(diag["unconverged_solves"])
+    growth = {}
+    for n_models in sorted(n for n in model_counts if n < num_models):
+        t0 = time.perf_counter()
+        dm_n, _ = fit_from_store(train_store, num_models=n_models, val_fraction=val_fraction, seed=seed, progress=False, **solver)
+        fits[n_models] = (dm_n, time.perf_counter() - t0)
+        growth[n_models] = evaluate_heldout(dm_n.weight, dm_n.bias, *held_out)
+    growth[num_models] = {k: result[k] for k in growth[min(growth)]} if growth else {}
+    result["growth"] = {str(k): v for k, v in growth.items()}
+    return dm, result, fits
+
+
+def leakage(weight: np.ndarray, ds: Dataset, pairs: int = 8) -> tuple[list[tuple[int, int]], dict]:
+    """The (train, test) pairs with the largest weights (n, t), and how close they are: the top
+    pair's weight and mean pixel distance beside the median, over test images, of the distance
+    to the nearest training image of the same class."""
+    top = [tuple(int(v) for v in np.unravel_index(i, weight.shape)) for i in np.argsort(-weight, axis=None)[:pairs]]
+    i, t = top[0]
+    nearest = [np.abs(ds.images_test[x] - ds.images_train[ds.y_train == ds.y_test[x]]).mean(axis=(1, 2)).min() for x in range(ds.n_test)]
+    return top, {"top_pair_weight": float(weight[i, t]),
+                 "top_pair_pixel_distance": float(np.abs(ds.images_test[t] - ds.images_train[i]).mean()),
+                 "median_pixel_distance_same_class": float(np.median(nearest))}
+
+
+def embedding(weight: np.ndarray, components: int = 2) -> tuple[np.ndarray, list[float]]:
+    """Datamodel embeddings: each target's weight vector (a column of ``weight`` (n, t)) projected
+    on the top principal components, (t, components), and their explained variance ratios."""
+    pca = PCA(n_components=components, random_state=0).fit(weight.T)
+    return pca.transform(weight.T), pca.explained_variance_ratio_.tolist()

@@ -1,0 +1,89 @@
+"""What stage modeldiff reports (ModelDiff, Shah et al. 2023): the planted case's recovery of the
+patched training images, the patch intervention, the same-algorithm control, and the natural
+case's inferred feature with its blending intervention. The method is
+:mod:`datalens.applications.modeldiff`; figures are drawn by the notebook from these results."""
+from __future__ import annotations
+
+import numpy as np
+
+from datalens.applications.modeldiff import (Directions, blend_toward, contrasted_classes, intervention_effect, model_diff,
+                                             per_target_cosine, recovery)
+from datalens.core.data import Dataset, stamp
+
+
+def planted_case(theta_a: np.ndarray, theta_b: np.ndarray, ds: Dataset, k: int) -> tuple[dict, Directions, Directions, int]:
+    """Directions of A minus B and B minus A (k each) for attributions (n, t) of the algorithm that
+    cannot see the patch (A) and the one that can (B); how well each direction of B minus A
+    recovers the planted training images, and the direction that recovers them best."""
+    a_minus_b, b_minus_a = model_diff(theta_a, theta_b, k)
+    planted = ds.planted
+    by_direction = [recovery(b_minus_a.components[c], planted) for c in range(k)]
+    best = int(np.argmax([r["auroc"] for r in by_direction]))
+    result = {"count": int(len(planted)), "test_count": int(len(ds.planted_test)), "recovery_by_direction": by_direction,
+              "best_direction": best + 1, "variance_a": b_minus_a.variance_a.tolist(), "variance_b": b_minus_a.variance_b.tolist(),
+              "a_minus_b_variance_a": a_minus_b.variance_a.tolist(), "a_minus_b_variance_b": a_minus_b.variance_b.tolist()}
+    result["top_targets_with_patch"] = float(np.isin(b_minus_a.top_targets(best, len(ds.planted_test)), ds.planted_test).mean())
+    return result, a_minus_b, b_minus_a, best
+
+
+def patch_intervention(algos: dict, stores: dict, md: dict, ds: Dataset) -> dict[str, list[dict]]:
+    """The patch stamped, at ``md['patch_intensities']`` of its value, on test images of the other
+    classes: the change in the planted class's probability under each planted algorithm."""
+    patch = md["patch"]
+    others = ds.y_test != patch["label"]
+
+    def with_patch(x, fraction):
+        return stamp(x, patch["size"], patch["row"], patch["col"], fraction * patch["value"])
+
+    return {name: intervention_effect(algos[name], stores[name], md["num_checkpoints"], ds.x_test[others], ds.y_test[others],
+                                      with_patch, md["patch_intensities"], watch=patch["label"])
+            for name in ("planted_a", "planted_b")}
+
+
+def control_case(theta_1: np.ndarray, theta_2: np.ndarray, k: int) -> tuple[dict, Directions, Directions]:
+    """The negative control: one algorithm under two sets of seeds; its largest variance ratio."""
+    c1, c2 = model_diff(theta_1, theta_2, k)
+    ratios = np.concatenate([c1.variance_ratio, 1 / c1.variance_ratio, c2.variance_ratio, 1 / c2.variance_ratio])
+    result = {"largest_variance_ratio": float(ratios.max()), "variance_ratios_1_minus_2": c1.variance_ratio.tolist(),
+              "variance_ratios_2_minus_1": c2.variance_ratio.tolist(),
+              "per_target_cosine_median": float(np.median(per_target_cosine(theta_1, theta_2)))}
+    return result, c1, c2
+
+
+def natural_case(theta_a: np.ndarray, theta_b: np.ndarray, k: int) -> tuple[dict, Directions, Directions]:
+    """Directions of A minus B and B minus A for two natural algorithms, with their variances."""
+    n_a, n_b = model_diff(theta_a, theta_b, k)
+    return ({"a_minus_b": {"variance_a": n_a.variance_a.tolist(), "variance_b": n_a.variance_b.tolist()},
+             "b_minus_a": {"variance_a": n_b.variance_a.tolist(), "variance_b": n_b.variance_b.tolist()}}, n_a, n_b)
+
+
+def per_target_cosines(theta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-target cosine of the two algorithms' attributions, for each case."""
+    return {"planted": per_target_cosine(theta["planted_a"], theta["planted_b"]),
+            "natural": per_target_cosine(theta["natural_a"], theta["natural_b"]),
+            "control": per_target_cosine(theta["natural_a"], theta["control"])}
+
+
+def natural_intervention(algos: dict, stores: dict, md: dict, base: Dataset, n_a: Directions, n_b: Directions) -> dict:
+    """The feature the leading direction of the more asymmetric residual contrasts (training images
+    of class ``first`` against ``second``), and its test: test images of ``first`` blended toward
+    the mean training image of ``second`` and, as the yardstick, toward the mean of every other
+    class, for both algorithms. Returns ``inferred``, ``intervention`` (what the metrics keep) and
+    the effects per algorithm for the figure."""
+    lead_name, lead = max((("A minus B", n_a), ("B minus A", n_b)), key=lambda t: max(t[1].variance_ratio[0], 1 / t[1].variance_ratio[0]))
+    first, second = contrasted_classes(lead, 0, base.y_train)
+    inferred = {"residual": lead_name, "variance_ratio": float(lead.variance_ratio[0]), "contrasts_classes": [first, second]}
+    sel = base.y_test == first
+    rest = (base.y_train != first) & (base.y_train != second)
+    blend_effects, yardstick = {}, {}
+    for name in ("natural_a", "natural_b"):
+        for into, mean in ((blend_effects, base.x_train[base.y_train == second].mean(0)), (yardstick, base.x_train[rest].mean(0))):
+            into[name] = intervention_effect(algos[name], stores[name], md["num_checkpoints"], base.x_test[sel], base.y_test[sel],
+                                             blend_toward(mean), md["blend_intensities"])
+
+    def ratio(eff):
+        return eff["natural_b"][-1]["margin_change"]["mean"] / eff["natural_a"][-1]["margin_change"]["mean"]
+
+    intervention = {"toward_contrasted_class": blend_effects, "toward_other_classes": yardstick,
+                    "b_over_a_contrasted": ratio(blend_effects), "b_over_a_other": ratio(yardstick)}
+    return {"inferred": inferred, "intervention": intervention, "first": first, "second": second, "lead": lead}
