@@ -64,6 +64,12 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     ({"counterfactuals.num_targets": 451}, ["counterfactuals.num_targets", "data.dataset"]),
     ({"train.peak_epoch": 101}, ["train.peak_epoch", "train.epochs"]),
     ({"attribution.selection_models": 2960}, ["attribution.selection_models", "train.num_checkpoints", "train.num_models"]),
+    ({"modeldiff.num_models": 3001}, ["modeldiff.num_models", "train.num_models"]),
+    ({"modeldiff.num_checkpoints": 51}, ["modeldiff.num_checkpoints", "train.num_checkpoints"]),
+    ({"modeldiff.trak_models": 51}, ["modeldiff.trak_models", "modeldiff.num_checkpoints"]),
+    ({"unlearning.om_oracles": 101}, ["unlearning.om_oracles", "unlearning.num_models"]),
+    ({"unlearning.forget_sets": [{"name": "all", "kind": "random", "size": 1797},
+                                 {"name": "s", "kind": "random", "size": 5, "select": True}]}, ["unlearning.forget_sets", "data.dataset"]),
 ])
 def test_params_that_do_not_fit_together_are_refused_in_one_line_naming_the_keys(root, tmp_path, overrides, keys):
     params = yaml.safe_load((root / "params.yaml").read_text())

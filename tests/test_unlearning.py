@@ -10,13 +10,13 @@ from scipy.stats import entropy
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from torch import nn
-from torch.func import stack_module_state
 
 from datalens.attribution import datamodels
 from datalens.applications import unlearning, unlearning_comparison
 from datalens.core.config import ParamError, stage_params
 from datalens.core.models import build_model
 from datalens.tasks.classification import margins_from_logits
+from datalens.training.engine import ModelStack
 from datalens.training.runs import prepare_store, train_subset_models
 from datalens.core.store import StoreError
 
@@ -101,7 +101,8 @@ def test_gd_on_the_retain_set_reaches_the_retrained_optimum_of_a_convex_learner(
     x, y, forget, base, oracle = _convex_problem()
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     settings = unlearning.FineTuneSettings(batch_size=1000, lr_decay=1.0, momentum=0.9)
-    logits = unlearning.unlearn([_linear(base)], xt, yt, xt, "gd", 0.5, [3000], forget, settings)[3000][0]
+    budget = 3000 * (len(y) - len(forget)) / len(y)  # 3000 epochs over the retain set
+    logits = unlearning.unlearn([_linear(base)], xt, yt, xt, "gd", 0.5, [budget], forget, settings)[budget][0]
     probs = torch.softmax(logits.double(), -1).numpy()
     start = np.abs(base.predict_proba(x) - oracle.predict_proba(x)).max()
     assert start > 0.02  # removing F moves the optimum
@@ -113,7 +114,8 @@ def test_om_with_exact_oracle_targets_reaches_the_oracle_outputs():
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     targets = torch.as_tensor(oracle.decision_function(x), dtype=torch.float32)  # the oracle's logits
     settings = unlearning.FineTuneSettings(batch_size=64, lr_decay=1.0, retain_ratio=3.0)
-    logits = unlearning.unlearn([_linear(base)], xt, yt, xt, "om", 0.01, [400], forget, settings, targets)[400][0]
+    budget = 400 * 4 * len(forget) / len(y)  # 400 epochs over F and 3|F| retain examples
+    logits = unlearning.unlearn([_linear(base)], xt, yt, xt, "om", 0.01, [budget], forget, settings, targets)[budget][0]
     # matching on F and 3|F| retain examples fixes the linear map, so every example reaches the oracle
     np.testing.assert_allclose(logits.numpy(), targets.numpy(), atol=1e-3)
 
@@ -137,7 +139,8 @@ def _ce(logits, y, idx):
 
 def test_gradient_ascent_raises_the_forget_loss():
     model, x, y, forget = _mlp_problem()
-    logits = unlearning.unlearn([model], x, y, x, "ga", 0.01, [3], forget, unlearning.FineTuneSettings(batch_size=8))[3][0]
+    budget = 3 * len(forget) / len(y)  # three epochs over F
+    logits = unlearning.unlearn([model], x, y, x, "ga", 0.01, [budget], forget, unlearning.FineTuneSettings(batch_size=8))[budget][0]
     with torch.no_grad():
         before = model(x)
     assert _ce(logits, y, forget) > _ce(before, y, forget) + 0.05
@@ -150,9 +153,10 @@ def test_scrub_max_steps_raise_the_forget_loss_and_min_steps_lower_the_retain_lo
     with torch.no_grad():
         before = model(x)
     monkeypatch.setitem(unlearning.PASSES, "scrub", (("retain", "ce_kl"),))
-    min_only = unlearning.unlearn([model], x, y, x, "scrub", 0.03, [4], forget, settings)[4][0]
+    retain_epochs = 4 * len(retain) / len(y)
+    min_only = unlearning.unlearn([model], x, y, x, "scrub", 0.03, [retain_epochs], forget, settings)[retain_epochs][0]
     monkeypatch.undo()
-    both = unlearning.unlearn([model], x, y, x, "scrub", 0.03, [4], forget, settings)[4][0]
+    both = unlearning.unlearn([model], x, y, x, "scrub", 0.03, [4.0], forget, settings)[4.0][0]  # four epochs of both passes
     assert _ce(min_only, y, retain) < _ce(before, y, retain) - 0.01
 
     def forget_kl(logits):  # SCRUB's forget loss: the divergence from the teacher (the original model) on F
@@ -169,9 +173,9 @@ def test_unlearning_does_not_depend_on_the_stack_size_and_leaves_the_models_alon
         with torch.no_grad():
             m[0].bias.add_(0.1 * i)  # five different models
     state = copy.deepcopy(models[3].state_dict())
-    a = unlearning.unlearn(models, x, y, x, "gd", 0.01, [1, 2], forget, unlearning.FineTuneSettings(batch_size=16, stack_size=2))
-    b = unlearning.unlearn(models, x, y, x, "gd", 0.01, [1, 2], forget, unlearning.FineTuneSettings(batch_size=16, stack_size=5))
-    for e in (1, 2):
+    a = unlearning.unlearn(models, x, y, x, "gd", 0.01, [0.3, 1.0], forget, unlearning.FineTuneSettings(batch_size=16, stack_size=2))
+    b = unlearning.unlearn(models, x, y, x, "gd", 0.01, [0.3, 1.0], forget, unlearning.FineTuneSettings(batch_size=16, stack_size=5))
+    for e in (0.3, 1.0):
         torch.testing.assert_close(a[e], b[e], rtol=1e-5, atol=1e-5)
     assert all(torch.equal(state[k], v) for k, v in models[3].state_dict().items())
 
@@ -228,8 +232,92 @@ def test_the_stacked_forward_equals_each_model_alone(name):
     shape = (64,) if name == "mlp" else (3, 8, 8)
     models = [build_model(name, shape, 10, hidden=[16], width=4).eval() for _ in range(3)]
     x = torch.randn(5, *shape)
-    params, buffers = stack_module_state(models)
+    stacked = ModelStack(models).outputs(x)
     with torch.no_grad():
-        stacked = unlearning.stacked_forward(models[0], buffers)(params, x)
         alone = torch.stack([m(x) for m in models])
     torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,budget", [("gd", 0.25), ("gd", 1.6), ("ascent_descent", 0.5), ("om", 0.1)])
+def test_a_budget_runs_partial_epochs_and_spends_what_its_label_says(method, budget):
+    """Against a count made here: the examples of every batch, pass by pass, epoch by epoch,
+    until the budget is reached."""
+    n, forget = 120, np.arange(0, 120, 6)
+    settings = unlearning.FineTuneSettings(batch_size=16)
+    sets = unlearning.example_sets(n, forget, settings)
+    (steps, spent), = unlearning.budget_steps(method, sets, [budget], settings, n).values()
+    processed, count = 0, 0
+    while processed < budget * n:
+        epoch, k = divmod(count, len(unlearning.PASSES[method]))  # whole passes first...
+        which = unlearning.PASSES[method][k][0]
+        sizes = [len(b) for b in np.array_split(np.arange(len(sets[which])), -(-len(sets[which]) // 16))]
+        if processed + sum(sizes) >= budget * n:  # ...then the batches of the pass that crosses the budget
+            for size in sizes:
+                processed += size
+                if processed >= budget * n:
+                    break
+        else:
+            processed += sum(sizes)
+        count += 1
+    assert spent == processed / n and budget <= spent < budget + 16 / n
+    if method == "gd" and budget < 1:
+        assert steps < -(-len(sets["retain"]) // 16)  # less than one epoch
+
+
+def test_one_diverged_model_is_dropped_and_counted_and_the_others_are_unaffected():
+    model, x, y, forget = _mlp_problem(3)
+    models = [copy.deepcopy(model) for _ in range(3)]
+    with torch.no_grad():
+        models[1][0].weight[0, 0] = float("inf")  # this model's loss is non-finite from the first step
+    settings = unlearning.FineTuneSettings(batch_size=16)
+    together = unlearning.unlearn(models, x, y, x, "gd", 0.01, [1.0], forget, settings)[1.0]
+    alone = unlearning.unlearn(models[:1], x, y, x, "gd", 0.01, [1.0], forget, settings)[1.0]
+    assert torch.isnan(together[1]).all() and torch.isfinite(together[[0, 2]]).all()
+    torch.testing.assert_close(together[[0, 2]], alone.expand(2, -1, -1), rtol=1e-5, atol=1e-5)
+    oracle = np.random.default_rng(0).normal(size=(4, len(y)))
+    splits = unlearning.split_indices(len(y) - 20, 20, forget[forget < len(y) - 20])  # the last 20 as validation
+    kp = {"bins": 20, "clip": 100.0, "floor": 1e-5}
+    record, values, margins = unlearning_comparison.score_point(together, y, oracle, splits, kp)
+    expected, expected_values, _ = unlearning_comparison.score_point(together[[0, 2]], y, oracle, splits, kp)
+    assert record["diverged"] == 1 and expected["diverged"] == 0 and margins.shape == (2, len(y))
+    np.testing.assert_array_equal(values, expected_values)
+
+
+def _synthetic_selection(optimum, diverge_above=np.inf):
+    """evaluate(lrs) for widen_until_interior: every method's selection score is the squared
+    log-distance of its learning rate to ``optimum``; above ``diverge_above`` the run diverges."""
+    calls = []
+
+    def evaluate(lrs):
+        calls.append({m: list(v) for m, v in lrs.items()})
+        points = []
+        for method, grid in lrs.items():
+            for lr in grid:
+                score = np.log10(lr / optimum) ** 2 if lr <= diverge_above else float("nan")
+                points += [{"method": method, "lr": lr, "budget": b, "klom": {s: {"p95": score} for s in unlearning.SPLITS}}
+                           for b in (0.5, 1.0)]
+        return {"select_r": {"points": points}}
+
+    return evaluate, calls
+
+
+@pytest.mark.parametrize("optimum,diverge_above", [(0.2, np.inf), (10.0, 0.05), (0.005, np.inf)])
+def test_learning_rate_grids_widen_until_the_choice_is_interior(optimum, diverge_above):
+    evaluate, calls = _synthetic_selection(optimum, diverge_above)
+    select = [unlearning.ForgetSet("select_r", "random", (1, 2), select=True)]
+    results, grids, on_edge = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.003, 0.01]}, evaluate, select, 6)
+    chosen = unlearning_comparison.choose(results, select)["random"].per_budget["gd"]
+    finite = [lr for lr in grids["gd"] if lr <= diverge_above]
+    best = min(finite, key=lambda lr: abs(np.log10(lr / optimum)))  # brute force over the final grid
+    assert set(chosen.values()) == {best} and grids["gd"][0] < best < grids["gd"][-1] and on_edge == {}
+    assert all(lr not in calls[0]["gd"] for c in calls[1:] for lr in c["gd"])  # only new learning rates are run
+    if optimum == 0.005:
+        assert len(calls) == 1  # already interior: nothing more is run
+
+
+def test_widening_stops_after_max_extensions_and_says_which_choices_remain_on_an_edge():
+    evaluate, calls = _synthetic_selection(1e-9)
+    select = [unlearning.ForgetSet("select_r", "random", (1, 2), select=True)]
+    _, grids, on_edge = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.01]}, evaluate, select, 2)
+    np.testing.assert_allclose(grids["gd"], [1e-5, 1e-4, 1e-3, 1e-2])
+    assert on_edge == {"gd": [grids["gd"][0]]} and len(calls) == 3

@@ -12,10 +12,11 @@ it toward the outputs an *oracle* (a model retrained on S minus F) would give:
 * baselines: do nothing, gradient descent on the retain set (GD), gradient ascent on F (GA),
   ascent then descent, and SCRUB.
 
-Every method fine-tunes all N base models at once: their weights (and batch-norm buffers,
-frozen in eval mode during fine-tuning) are stacked and one ``torch.func.vmap`` forward
-serves the stack, as the training engine does. Every model of a stack sees the same batches,
-drawn from ``seed`` and the epoch, so results do not depend on the stack size.
+Every method fine-tunes all N base models at once, through the training engine's stacked
+trainer (:class:`~datalens.training.engine.ModelStack`; batch-norm buffers frozen in eval
+mode). Every model of a stack sees the same batches, drawn from ``seed``, the epoch and the
+pass, so results do not depend on the stack size. A compute budget is examples processed,
+partial epochs included, so every point spends what its label says.
 
 **KLoM** (KL divergence of margins): for each example, the margins of the N unlearned models
 and of N oracles, clipped to +-100, histogrammed in 20 equal-width bins over their joint
@@ -26,6 +27,7 @@ default is KL(unlearned || oracle), the first published one.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -35,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 from torch import nn
-from torch.func import functional_call, stack_module_state
 
 from datalens.core.config import ParamError, resolve_location
-from datalens.training.engine import mlp_linear_names
+from datalens.training.engine import ModelStack
 from datalens.tasks.classification import margins_from_logits
 from datalens.training.runs import SubsetRun
 
@@ -238,91 +239,83 @@ def example_sets(n_train: int, forget: np.ndarray, settings: FineTuneSettings) -
     return {"forget": np.asarray(forget), "retain": retain, "matching": np.sort(np.concatenate([forget, sample]))}
 
 
-def epoch_cost(method: str, sets: dict[str, np.ndarray], n_train: int) -> float:
-    """Epoch-equivalents (examples processed / n_train) of one epoch of ``method``."""
-    return sum(len(sets[which]) for which, _ in PASSES[method]) / n_train
+def fine_tuning_steps(method: str, sets: dict[str, np.ndarray], settings: FineTuneSettings):
+    """The endless sequence of steps of ``method``: (epoch, loss kind, batch indices). An epoch
+    is each of the method's passes in turn; a pass is its examples in an order drawn from
+    ``seed``, the epoch and the pass, in batches of at most ``batch_size``."""
+    for epoch in itertools.count():
+        for k, (which, kind) in enumerate(PASSES[method]):
+            order = np.random.default_rng([settings.seed, epoch, k]).permutation(sets[which])
+            for batch in np.array_split(order, max(1, math.ceil(len(order) / settings.batch_size))):
+                yield epoch, kind, batch
+
+
+def budget_steps(method: str, sets: dict[str, np.ndarray], budgets: Sequence[float], settings: FineTuneSettings,
+                 n_train: int) -> dict[float, tuple[int, float]]:
+    """For each budget (epoch-equivalents: examples processed / n_train), the number of steps
+    that spends it, the first at which the examples processed reach ``budget * n_train``
+    (partial epochs included), and what those steps spend: {budget: (steps, spent)}."""
+    out, processed, pending = {}, 0, sorted(float(b) for b in budgets)
+    for step, (_, _, batch) in enumerate(fine_tuning_steps(method, sets, settings), start=1):
+        processed += len(batch)
+        while pending and processed >= pending[0] * n_train * (1 - 1e-12):
+            out[pending.pop(0)] = (step, processed / n_train)
+        if not pending:
+            return out
+    raise AssertionError("unreachable: the steps never end")
 
 
 def unlearn(models: Sequence[nn.Module], x_train: torch.Tensor, y_train: torch.Tensor, x_eval: torch.Tensor, method: str,
-            lr: float, snapshots: Sequence[int], forget: np.ndarray, settings: FineTuneSettings,
-            targets: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+            lr: float, budgets: Sequence[float], forget: np.ndarray, settings: FineTuneSettings,
+            targets: torch.Tensor | None = None) -> dict[float, torch.Tensor]:
     """Fine-tune copies of ``models`` with ``method`` and return their logits on ``x_eval``
-    after each epoch count in ``snapshots``: {epochs: (M, n_eval, C)}. The models are not changed.
+    once each budget is spent: {budget: (M, n_eval, C)}. The models are not changed.
 
-    x_train: (n, ...) and y_train: (n,) on the models' device; forget: indices into them;
-    targets (OM, DMM): logits to match, (n, C) shared by every model or (M, n, C) per model.
-    A stack whose loss turns non-finite (too large a learning rate for ascent) gives NaN logits
-    from then on, so that point is never chosen."""
+    budgets: compute in epoch-equivalents (examples processed / n_train), partial epochs
+    included (:func:`budget_steps`); x_train: (n, ...) and y_train: (n,) on the models'
+    device; forget: indices into them; targets (OM, DMM): logits to match, (n, C) shared by
+    every model or (M, n, C) per model. A model whose loss turns non-finite (too large a
+    learning rate for ascent) gives NaN logits from then on; the others are unaffected."""
     if method not in PASSES:
         raise ParamError(f"unlearning method {method!r} is not allowed; allowed values: {', '.join(PASSES)}")
     if method in ("om", "dmm") and targets is None:
         raise ValueError(f"{method} needs targets to match")
     sets = example_sets(len(y_train), forget, settings)
-    snapshots = sorted(set(int(e) for e in snapshots))
-    out: dict[int, list[torch.Tensor]] = {e: [] for e in snapshots}
+    steps = {b: s for b, (s, _) in budget_steps(method, sets, budgets, settings, len(y_train)).items()}
+    out: dict[float, list[torch.Tensor]] = {b: [] for b in steps}
     for a in range(0, len(models), settings.stack_size):
         rows = slice(a, a + settings.stack_size)
         stack_targets = targets[rows] if targets is not None and targets.dim() == 3 else targets
-        for b, logits in _unlearn_stack(list(models[rows]), x_train, y_train, x_eval, method, lr, snapshots, sets,
-                                        settings, stack_targets).items():
-            out[b].append(logits)
+        logits = _unlearn_stack(list(models[rows]), x_train, y_train, x_eval, method, lr, sorted(set(steps.values())), sets,
+                                settings, stack_targets)
+        for b, s in steps.items():
+            out[b].append(logits[s])
     return {b: torch.cat(v) for b, v in out.items()}
 
 
-def stacked_forward(model: nn.Module, buffers: dict[str, torch.Tensor]):
-    """f(params, x) -> logits (M, B, C) of M stacked copies of ``model`` on one batch x (B, ...).
-
-    Plain MLPs (Flatten, Linear, ReLU) take a hand-laid path of broadcast matrix products, about
-    twice as fast on CPU as ``torch.vmap`` over ``functional_call``, which serves every other
-    model (batch norm in eval mode: its statistics stay frozen)."""
-    names = mlp_linear_names(model)
-    if names is not None:
-        def mlp(p, x):
-            h = x.reshape(len(x), -1)
-            for k, name in enumerate(names):
-                h = torch.matmul(h, p[f"{name}.weight"].transpose(1, 2)) + p[f"{name}.bias"].unsqueeze(1)
-                if k < len(names) - 1:
-                    h = torch.relu(h)
-            return h
-        return mlp
-    base = copy.deepcopy(model).to("meta").eval()
-    return lambda p, x: torch.vmap(lambda pp, bb: functional_call(base, (pp, bb), (x,)), in_dims=(0, 0))(p, buffers)
-
-
 def _unlearn_stack(models, x_train, y_train, x_eval, method, lr, snapshots, sets, settings, targets) -> dict[int, torch.Tensor]:
-    params, buffers = stack_module_state([copy.deepcopy(m).eval() for m in models])
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    forward = stacked_forward(models[0], buffers)
-
-    def evaluate(p) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([forward(p, x_eval[i:i + 4096]) for i in range(0, len(x_eval), 4096)], dim=1)
-
-    teacher = evaluate(params)[:, :len(x_train)] if method == "scrub" else None  # x_eval starts with x_train
-    opt = (torch.optim.Adam(params.values(), lr=lr) if method in ADAM_METHODS
-           else torch.optim.SGD(params.values(), lr=lr, momentum=settings.momentum))
-    result, failed = {}, False
-    for epoch in range(snapshots[-1]):
-        for group in opt.param_groups:
-            group["lr"] = lr * settings.lr_decay ** epoch
-        for k, (which, kind) in enumerate(PASSES[method]):
-            order = np.random.default_rng([settings.seed, epoch, k]).permutation(sets[which])
-            for batch in np.array_split(order, max(1, math.ceil(len(order) / settings.batch_size))):
-                idx = torch.as_tensor(batch, device=x_train.device)
-                logits = forward(params, x_train[idx])
-                target = None
-                if targets is not None:
-                    target = targets[:, idx] if targets.dim() == 3 else targets[idx].unsqueeze(0)
-                loss = pass_loss(kind, logits, y_train[idx], teacher[:, idx] if teacher is not None else None, target,
-                                 settings.temperature)
-                failed = failed or not bool(torch.isfinite(loss).all())
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-        if epoch + 1 in snapshots:
-            logits = evaluate(params)
-            result[epoch + 1] = torch.full_like(logits, float("nan")) if failed else logits
-    return result
+    """Fine-tune one :class:`~datalens.training.engine.ModelStack` for ``snapshots[-1]`` steps;
+    {steps: logits (M, n_eval, C)} after each step count in ``snapshots``."""
+    stack = ModelStack([copy.deepcopy(m).eval() for m in models])  # batch-norm statistics stay frozen
+    teacher = stack.outputs(x_eval)[:, :len(x_train)] if method == "scrub" else None  # x_eval starts with x_train
+    params = list(stack.params.values())
+    opt = torch.optim.Adam(params, lr=lr) if method in ADAM_METHODS else torch.optim.SGD(params, lr=lr, momentum=settings.momentum)
+    result = {}
+    for step, (epoch, kind, batch) in enumerate(fine_tuning_steps(method, sets, settings), start=1):
+        idx = torch.as_tensor(batch, device=x_train.device)
+        target = None
+        if targets is not None:
+            target = targets[:, idx] if targets.dim() == 3 else targets[idx].unsqueeze(0)
+        loss = pass_loss(kind, stack.forward(x_train[idx]), y_train[idx], teacher[:, idx] if teacher is not None else None,
+                         target, settings.temperature)
+        stack.step(opt, lr * settings.lr_decay ** epoch, loss)
+        if step in snapshots:
+            logits = stack.outputs(x_eval)
+            logits[stack.failed] = float("nan")
+            result[step] = logits
+            if step == snapshots[-1]:
+                return result
+    raise AssertionError("unreachable: the steps never end")
 
 
 # -- datamodel matching targets ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from datalens.core.config import ParamError
 from datalens.attribution.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
 from datalens.core.progress import progress_bar
 from datalens.tasks.gradients import raw_outputs
-from datalens.applications.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, datamodel_components, epoch_cost,
+from datalens.applications.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, budget_steps, datamodel_components,
                                  example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
                                  predicted_logits, settings_from_params, split_indices, unlearn)
 
@@ -40,6 +40,43 @@ def best_setting(scores: dict[tuple[float, float], float]) -> tuple[float, float
     """The (lr, budget) with the lowest selection score; ties go to the smaller budget."""
     finite = {k: s for k, s in scores.items() if np.isfinite(s)}
     return min(finite, key=lambda k: (finite[k], k[1], k[0])) if finite else None
+
+
+def edge_extensions(grid: Sequence[float], chosen: set[float]) -> list[float]:
+    """Learning rates that widen ``grid`` where a chosen value sits on its edge: one step beyond
+    each chosen edge, a step as wide as the grid's outermost one (x3 for a one-value grid)."""
+    g = sorted(grid)
+    low, high = (g[1] / g[0], g[-1] / g[-2]) if len(g) > 1 else (3.0, 3.0)
+    return ([g[0] / low] if g[0] in chosen else []) + ([g[-1] * high] if g[-1] in chosen and g[-1] * high not in g else [])
+
+
+def widen_until_interior(lrs: dict[str, Sequence[float]], evaluate, select_sets: Sequence[ForgetSet],
+                         max_extensions: int) -> tuple[dict, dict[str, list[float]], dict[str, list[float]]]:
+    """Evaluate ``lrs`` on the select sets and widen each method's grid, a step at a time, while a
+    chosen learning rate (for any budget, on any kind of set) sits on its edge. A diverged run
+    is never chosen, so a grid whose next step diverges ends there.
+
+    ``evaluate(lrs) -> {set name: {"points": [...], ...}}`` runs the given grids on the select
+    sets. Returns the merged results, the final grids, and per method the chosen learning rates
+    still on an edge after ``max_extensions`` widenings (empty when every choice is interior)."""
+    grids = {m: sorted(float(v) for v in g) for m, g in lrs.items()}
+    results = evaluate(grids)
+    widenings = 0
+    while True:
+        choices = choose(results, select_sets)
+        on_edge = {}
+        for method, grid in grids.items():
+            chosen = {lr for c in choices.values() for lr in c.per_budget.get(method, {}).values()}
+            if edges := sorted(chosen & {grid[0], grid[-1]}):
+                on_edge[method] = edges
+        new = {m: v for m, edges in on_edge.items() if (v := edge_extensions(grids[m], set(edges)))}
+        if not new or widenings == max_extensions:
+            return results, grids, on_edge
+        for name, res in evaluate(new).items():
+            results[name]["points"] += res["points"]
+        for m, v in new.items():
+            grids[m] = sorted(grids[m] + v)
+        widenings += 1
 
 
 class StoreLogits:
@@ -178,15 +215,20 @@ def make_problem(forget: ForgetSet, oracle_store, num_models: int, om_oracles: i
 
 def score_point(logits: torch.Tensor, y_all: torch.Tensor, oracle_margins: np.ndarray, splits: dict[str, np.ndarray],
                 klom_params: dict) -> tuple[dict, np.ndarray, np.ndarray | None]:
-    """KLoM summary and accuracy per split of one point, its per-example KLoM (n_all,) and its
-    margins (M, n_all); NaN throughout (and no margins) for a run that diverged."""
-    if not torch.isfinite(logits).all():
+    """KLoM summary and accuracy per split of one point, its per-example KLoM (n_all,) and the
+    margins (M', n_all) of its M' models that did not diverge; a diverged model (non-finite
+    logits) is dropped and counted in ``diverged``. NaN throughout (and no margins) when every
+    model diverged."""
+    finite = torch.isfinite(logits).flatten(1).all(1)
+    diverged = int((~finite).sum())
+    if not finite.any():
         nan = {s: {"p95": float("nan"), "p99": float("nan"), "mean": float("nan")} for s in splits}
-        return ({"klom": nan, "accuracy": {s: float("nan") for s in splits}, "diverged": True},
+        return ({"klom": nan, "accuracy": {s: float("nan") for s in splits}, "diverged": diverged},
                 np.full(oracle_margins.shape[1], np.nan), None)
+    logits = logits[finite]
     unlearned = margins(logits, y_all)
     values = klom(unlearned, oracle_margins, **klom_params)
-    return ({"klom": klom_summary(values, splits), "accuracy": accuracies(logits, y_all, splits), "diverged": False}, values,
+    return ({"klom": klom_summary(values, splits), "accuracy": accuracies(logits, y_all, splits), "diverged": diverged}, values,
             unlearned)
 
 
@@ -196,13 +238,15 @@ def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data
     each compute budget of ``u['budgets']`` on each problem, plus do nothing, DM-direct and the floor.
 
     A budget is fine-tuning compute in epoch-equivalents (examples processed / n_train), so
-    methods are compared at equal compute: each runs ``max(1, round(budget / epoch_cost))`` of its
-    own epochs (OM's epoch over F and 3|F| retain examples is far cheaper than GD's over the
-    whole retain set). Recorded compute is what was actually spent.
+    methods are compared at equal compute: each runs the steps that spend it
+    (:func:`~datalens.applications.unlearning.budget_steps`, partial epochs included; OM's
+    epoch over F and 3|F| retain examples is far cheaper than GD's over the whole retain set).
+    Recorded compute (``finetune_epochs``) is what those steps spent, within one batch of the
+    budget.
 
     own_logits: (M, n_all, C) the base models' logits; data: ``x_train``, ``y_train``, ``x_all``,
     ``y_all`` tensors. Returns {set name: {"floor", "do_nothing", "dm_direct": point,
-    "points": [point, ...]}} where a point holds method, lr, budget, epochs, ``finetune_epochs``
+    "points": [point, ...]}} where a point holds method, lr, budget, steps, ``finetune_epochs``
     (epoch-equivalents), KLoM per split and accuracy per split; per-example KLoM and margins
     are kept under ``"_values"`` for the figures (dropped by :func:`jsonable`)."""
     settings = settings_from_params(u)
@@ -216,10 +260,9 @@ def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data
     for prob in problems:
         sets = example_sets(n_train, prob.forget.array, settings)
 
-        def point(logits, method, lr, epochs, budget=0.0):
+        def point(logits, method, lr, steps=0, spent=0.0, budget=0.0):
             record, values, unlearned = score_point(logits, data["y_all"], prob.oracle_margins, prob.splits, kp)
-            cost = epochs * epoch_cost(method, sets, n_train) if epochs else 0.0
-            record.update(method=method, lr=lr, budget=budget, epochs=epochs, finetune_epochs=cost)
+            record.update(method=method, lr=lr, budget=budget, steps=steps, finetune_epochs=spent)
             record["_values"] = {"klom": values, "margins": None if unlearned is None else unlearned[:, prob.forget.array]}
             return record
 
@@ -227,17 +270,17 @@ def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data
         predicted = predicted_logits(own_logits, prob.contribution)
         res = {"floor": {"klom": klom_summary(floor_values, prob.splits), "_values": {"klom": floor_values,
                                                                                     "margins": prob.oracle_margins[:, prob.forget.array]}},
-               "do_nothing": point(own_logits, "do_nothing", 0.0, 0),
-               "dm_direct": point(predicted, "dm_direct", 0.0, 0), "points": [], "_splits": prob.splits,
+               "do_nothing": point(own_logits, "do_nothing", 0.0),
+               "dm_direct": point(predicted, "dm_direct", 0.0), "points": [], "_splits": prob.splits,
                "oracle_accuracy": prob.oracle_accuracy}
         targets = {"om": prob.om_targets, "dmm": predicted[:, :n_train]}
         for method, grid in lrs.items():
-            epochs_of = {b: max(1, round(b / epoch_cost(method, sets, n_train))) for b in budgets}
+            spend = budget_steps(method, sets, budgets, settings, n_train)
             for lr in grid:
                 bar.set_postfix(set=prob.forget.name, method=method, lr=lr)
-                logits = unlearn(models, data["x_train"], data["y_train"], data["x_all"], method, float(lr), list(epochs_of.values()),
+                logits = unlearn(models, data["x_train"], data["y_train"], data["x_all"], method, float(lr), budgets,
                                  prob.forget.array, settings, targets.get(method))
-                res["points"] += [point(logits[e], method, float(lr), e, b) for b, e in epochs_of.items()]
+                res["points"] += [point(logits[b], method, float(lr), steps, spent, b) for b, (steps, spent) in spend.items()]
                 bar.update(1)
         out[prob.forget.name] = res
     bar.close()
@@ -350,8 +393,8 @@ def summarise(results: dict, choices: dict[str, Choice], extra_compute: dict[str
             pt = _best_point(res, method, best.get(method))
             if pt is None:
                 continue
-            table.append({"set": name, "method": method, "lr": pt["lr"], "budget": pt["budget"], "epochs": pt["epochs"], **_row(pt["klom"]),
-                          "worst_p95": selection_score(pt),
+            table.append({"set": name, "method": method, "lr": pt["lr"], "budget": pt["budget"], "steps": pt["steps"], **_row(pt["klom"]),
+                          "worst_p95": selection_score(pt), "diverged_models": pt["diverged"],
                           "finetune_epochs": pt["finetune_epochs"], "extra_epochs": extra_compute.get(method, 0.0)})
             for split, acc in pt["accuracy"].items():
                 accuracy.setdefault(split, {}).setdefault(method, []).append(acc)
@@ -444,20 +487,28 @@ def extra_compute(om_oracles: int, train_epochs: int, attribution_models: int, a
 class Comparison:
     """Every method on the select sets (``selected``), the learning rates chosen on them per kind
     of set (``choices``), every method at those rates on each reported set (``reported``, in the
-    params' order) with the choice that applies to it (``choice_of``), and the summary."""
+    params' order) with the choice that applies to it (``choice_of``), the summary, and the
+    learning-rate grids as widened on the select sets."""
 
     selected: dict
     choices: dict[str, Choice]
     reported: dict
     choice_of: dict[str, Choice]
     summary: dict
+    lr_grids: dict[str, list[float]]  # per method, the grid after widening (widen_until_interior)
+    lrs_on_edge: dict[str, list[float]]  # chosen learning rates still on an edge (empty: every choice interior)
 
 
 def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem], u: dict,
                    extra: dict[str, float]) -> Comparison:
     """Choose on the select sets, then evaluate each reported set at the choice for its kind."""
     select = [pr for pr in problems if pr.forget.select]
-    selected = evaluate_methods(models, own_logits, data, select, u)
+    selected, grids, on_edge = widen_until_interior(
+        u["lrs"], lambda lrs: evaluate_methods(models, own_logits, data, select, u, lrs=lrs), [pr.forget for pr in select],
+        int(u["max_grid_extensions"]))
+    if on_edge:
+        print(f"unlearning.lrs: after {u['max_grid_extensions']} widenings (unlearning.max_grid_extensions) these chosen "
+              f"learning rates still sit on their grid's edge: {on_edge}")
     choices = choose(selected, [pr.forget for pr in select])
     reported = {}
     for kind, choice in choices.items():
@@ -465,7 +516,7 @@ def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: 
                                                                     and pr.forget.kind == kind], u, lrs=choice.learning_rates))
     reported = {pr.forget.name: reported[pr.forget.name] for pr in problems if not pr.forget.select}
     choice_of = {pr.forget.name: choice_for(pr.forget, choices) for pr in problems if not pr.forget.select}
-    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra))
+    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra), grids, on_edge)
 
 
 def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dict, comparison: Comparison,
@@ -475,6 +526,7 @@ def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dic
                 "margin_ridge": attribution.margin_ridge, "logit_ridge": attribution.logit_ridge, "seconds": attribution.seconds,
                 "lasso_check": lasso},
             "selection": {kind: {"lr_per_budget": jsonable(c.per_budget), "best": c.best} for kind, c in comparison.choices.items()},
+            "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge,
             "extra_epochs": extra, **jsonable({k: v for k, v in comparison.summary.items() if k != "curves"}),
             "sets": jsonable(comparison.reported), "select_sets": jsonable(comparison.selected)}
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Callable, Literal
 
 import torch
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, create_model, model_validator
 
 from datalens.core.data import DATASETS, dataset_sizes, resolve_callable
 from datalens.core.models import MODELS
@@ -281,6 +281,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "unlearning.forget_sets": _forget_sets,
     "unlearning.budgets": _float_list(0.0),
     "unlearning.lrs": _lrs,
+    "unlearning.max_grid_extensions": _int(0),
     "unlearning.batch_size": _int(1),
     "unlearning.momentum": _float(0.0, 1.0, hi_open=True),
     "unlearning.lr_decay": _float(0.0, 1.0, lo_open=True),
@@ -321,45 +322,80 @@ def validate(flat: dict[str, Any], root: str | Path = ".") -> None:
     check_consistency(flat, root)
 
 
-def check_consistency(flat: dict[str, Any], root: str | Path = ".") -> None:
-    """Rules between params, each checked when all its keys are present."""
+class ParamRules(BaseModel):
+    """The rules that tie params together, as pydantic validators over the flat params (dotted
+    keys). A stage sees only the keys it declares, so each rule applies when all its keys are
+    present. Validate with ``context={"root": repo root}`` (a dataset's sizes come from the data)."""
 
-    def sizes(dataset: str) -> tuple[int, int]:
-        try:
-            return dataset_sizes(dataset, resolve_location({"_root": str(root)}, flat.get("data.root", "data")), root)
-        except (ValueError, OSError) as exc:
-            raise ParamError(f"data.dataset={dataset!r} could not be loaded to learn its size: {exc}") from None
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-    def rule(keys: tuple[str, ...], ok: Callable[..., bool], allowed: str) -> None:
+    def _rule(self, keys: tuple[str, ...], ok: Callable[..., bool], allowed: str) -> None:
+        flat = self.model_extra
         if all(k in flat for k in keys) and not ok(*(flat[k] for k in keys)):
             shown = ", ".join(f"{k}={flat[k]!r}" for k in keys)
             raise ParamError(f"{shown} do not fit together; {allowed}")
 
-    n_ckpt = ("train.num_checkpoints",)
-    rule(("trak.num_models", *n_ckpt), lambda m, k: max(m) <= k, "every trak.num_models must be <= train.num_checkpoints")
-    rule(("attribution.ensemble_sizes", *n_ckpt), lambda m, k: max(m) <= k,
-         "every attribution.ensemble_sizes must be <= train.num_checkpoints")
-    rule(("attribution.tracin_epochs", "train.epochs"), lambda e, n: max(e) <= n,
-         "every attribution.tracin_epochs must be <= train.epochs")
-    rule(("datamodels.model_counts", "train.num_models"), lambda c, n: max(c) <= n,
-         "every datamodels.model_counts must be <= train.num_models")
-    rule(("datamodels.model_counts", "datamodels.val_fraction"), lambda c, f: round(min(c) * f) >= MIN_RANKED,
-         f"the validation split of the smallest count must hold >= {MIN_RANKED} models to choose lambda")
-    rule(("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= sizes(d)[1],
-         "counterfactuals.num_targets must be <= the test set size")
-    rule(("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
-    rule(("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
-         "the selection models (the last attribution.selection_models of the run) must not overlap the checkpointed ones")
-    rule(("modeldiff.num_models", "train.num_models"), lambda m, n: m <= n,
-         "modeldiff.num_models must be <= train.num_models (an algorithm equal to the base run reuses its store)")
-    rule(("modeldiff.num_checkpoints", "train.num_checkpoints"), lambda m, n: m <= n,
-         "modeldiff.num_checkpoints must be <= train.num_checkpoints (the base run's checkpoints are reused)")
-    rule(("modeldiff.trak_models", "modeldiff.num_checkpoints"), lambda t, k: t <= k,
-         "modeldiff.trak_models must be <= modeldiff.num_checkpoints")
-    rule(("unlearning.om_oracles", "unlearning.num_models"), lambda o, n: o <= n,
-         "unlearning.om_oracles must be <= unlearning.num_models (OM averages that many of the independent oracles)")
-    rule(("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < sizes(d)[0] for s in sets),
-         "every forget set must be smaller than the training set")
+    def _sizes(self, info: ValidationInfo) -> Callable[[str], tuple[int, int]]:
+        def sizes(dataset: str) -> tuple[int, int]:
+            root = (info.context or {}).get("root", ".")
+            try:
+                return dataset_sizes(dataset, resolve_location({"_root": str(root)}, self.model_extra.get("data.root", "data")), root)
+            except (ValueError, OSError) as exc:
+                raise ParamError(f"data.dataset={dataset!r} could not be loaded to learn its size: {exc}") from None
+        return sizes
+
+    @model_validator(mode="after")
+    def _training(self) -> "ParamRules":
+        self._rule(("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _attribution(self) -> "ParamRules":
+        n_ckpt = ("train.num_checkpoints",)
+        self._rule(("trak.num_models", *n_ckpt), lambda m, k: max(m) <= k, "every trak.num_models must be <= train.num_checkpoints")
+        self._rule(("attribution.ensemble_sizes", *n_ckpt), lambda m, k: max(m) <= k,
+                   "every attribution.ensemble_sizes must be <= train.num_checkpoints")
+        self._rule(("attribution.tracin_epochs", "train.epochs"), lambda e, n: max(e) <= n,
+                   "every attribution.tracin_epochs must be <= train.epochs")
+        self._rule(("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
+                   "the selection models (the last attribution.selection_models of the run) must not overlap the checkpointed ones")
+        return self
+
+    @model_validator(mode="after")
+    def _datamodels(self, info: ValidationInfo) -> "ParamRules":
+        self._rule(("datamodels.model_counts", "train.num_models"), lambda c, n: max(c) <= n,
+                   "every datamodels.model_counts must be <= train.num_models")
+        self._rule(("datamodels.model_counts", "datamodels.val_fraction"), lambda c, f: round(min(c) * f) >= MIN_RANKED,
+                   f"the validation split of the smallest count must hold >= {MIN_RANKED} models to choose lambda")
+        self._rule(("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= self._sizes(info)(d)[1],
+                   "counterfactuals.num_targets must be <= the test set size")
+        return self
+
+    @model_validator(mode="after")
+    def _modeldiff(self) -> "ParamRules":
+        self._rule(("modeldiff.num_models", "train.num_models"), lambda m, n: m <= n,
+                   "modeldiff.num_models must be <= train.num_models (an algorithm equal to the base run reuses its store)")
+        self._rule(("modeldiff.num_checkpoints", "train.num_checkpoints"), lambda m, n: m <= n,
+                   "modeldiff.num_checkpoints must be <= train.num_checkpoints (the base run's checkpoints are reused)")
+        self._rule(("modeldiff.trak_models", "modeldiff.num_checkpoints"), lambda t, k: t <= k,
+                   "modeldiff.trak_models must be <= modeldiff.num_checkpoints")
+        return self
+
+    @model_validator(mode="after")
+    def _unlearning(self, info: ValidationInfo) -> "ParamRules":
+        self._rule(("unlearning.om_oracles", "unlearning.num_models"), lambda o, n: o <= n,
+                   "unlearning.om_oracles must be <= unlearning.num_models (OM averages that many of the independent oracles)")
+        self._rule(("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < self._sizes(info)(d)[0] for s in sets),
+                   "every forget set must be smaller than the training set")
+        return self
+
+
+def check_consistency(flat: dict[str, Any], root: str | Path = ".") -> None:
+    """Check :class:`ParamRules` on ``flat``; the first broken rule raises its one-line :class:`ParamError`."""
+    try:
+        ParamRules.model_validate(flat, context={"root": root})
+    except ValidationError as exc:
+        raise ParamError(str(exc.errors()[0]["ctx"]["error"])) from None
 
 
 def check_environment(flat: dict[str, Any]) -> None:

@@ -6,9 +6,10 @@ steps the optimiser.
 Models without buffers (MLP, small CNN) train *stacked*: a stack's weights are
 stacked and one forward trains all of them. Adam and SGD act elementwise and the
 summed loss separates over models, so this equals training each model alone (a test
-checks it). MLPs use a hand-laid ``baddbmm`` path when the task offers a loss in that
-layout (:meth:`~datalens.tasks.base.Task.classes_first_loss`); other buffer-free models
-use ``torch.func.vmap``. Models with batch norm (ResNet-9) train in a plain loop.
+checks it): :class:`ModelStack`, which unlearning's fine-tuning uses too. MLPs use a
+hand-laid ``baddbmm`` path when the task offers a loss in that layout
+(:meth:`~datalens.tasks.base.Task.classes_first_loss`); other buffer-free models use
+``torch.func.vmap``. Models with batch norm (ResNet-9) train in a plain loop.
 
 Every random draw of a model (initialisation, data order, augmentation) comes from its
 own seed (:mod:`datalens.core.sampling`), and its steps per epoch from its own subset size,
@@ -289,66 +290,108 @@ def mlp_linear_names(model: nn.Module) -> list[str] | None:
     return names
 
 
-def _stacked_mlp_loss(linear_names: list[str], example_loss, dtype: torch.dtype = torch.float32):
-    """Summed per-model losses of stacked MLPs, computed as (models, features, examples)
-    with ``baddbmm``; ``example_loss(h (M, C, L), encoded targets) -> (M, L)`` is the task's
-    loss in that layout. Products and activations run in ``dtype`` (the inputs ``xb`` must
-    already be in it), the loss in float32."""
+class ModelStack:
+    """M models of one architecture as one: the stacked trainer of the engine and of every
+    fine-tuning (unlearning).
 
-    def loss(p, xb, yb, wb):
-        h = xb  # (M, d, L), feature-major
-        for k, name in enumerate(linear_names):
-            h = torch.baddbmm(p[f"{name}.bias"].unsqueeze(-1).to(dtype), p[f"{name}.weight"].to(dtype), h)
-            if k < len(linear_names) - 1:
+    ``params``: name -> (M, ...) float32 leaves the optimiser steps; ``buffers``: name -> (M, ...)
+    frozen (batch-norm statistics: give models in eval mode). The summed loss separates over
+    models and Adam and SGD act elementwise, so a step of the stack is a step of each model
+    alone (a test checks it), and a model whose loss turns non-finite spoils only its own
+    weights: :meth:`step` marks it in ``failed`` (M,) bool.
+
+    Plain MLPs also run a hand-laid classes-first path (:meth:`mlp`: ``baddbmm`` on
+    (M, features, examples)), about twice as fast on CPU as ``torch.vmap`` over
+    ``functional_call`` (:meth:`module`), which serves every other model.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]):
+        params, buffers = stack_module_state(list(models))
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = {k: v.detach() for k, v in buffers.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")
+        self.linear_names = mlp_linear_names(models[0])
+        self.failed = torch.zeros(len(models), dtype=torch.bool, device=next(iter(self.params.values())).device)
+
+    def __len__(self) -> int:
+        return len(self.failed)
+
+    def module(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None = None) -> Callable:
+        """One model of the stack as a function of its inputs (call it inside ``torch.vmap``)."""
+        state = params if not buffers else (params, buffers)
+        return lambda *inputs: functional_call(self.base, state, inputs)
+
+    def mlp(self, xt: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The MLPs' outputs classes-first: xt (M, d, L) (or (1, d, L), one batch for all) in
+        ``dtype`` -> (M, C, L) in ``dtype``; products and activations run in ``dtype``."""
+        h = xt.expand(len(self), -1, -1) if xt.shape[0] == 1 else xt
+        for k, name in enumerate(self.linear_names):
+            h = torch.baddbmm(self.params[f"{name}.bias"].unsqueeze(-1).to(dtype), self.params[f"{name}.weight"].to(dtype), h)
+            if k < len(self.linear_names) - 1:
                 h = torch.relu(h)
-        return (example_loss(h.float(), yb) * wb).sum(1)
+        return h
 
-    return loss
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every model's raw outputs on one batch x (B, ...): (M, B, *out), float32."""
+        if self.linear_names is not None:
+            return self.mlp(x.reshape(len(x), -1).T.unsqueeze(0)).transpose(1, 2)
+        return torch.vmap(lambda p, b: self.module(p, b)(x), in_dims=(0, 0))(self.params, self.buffers)
+
+    def outputs(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """:meth:`forward` without gradients, ``chunk`` examples at a time: (M, n, *out)."""
+        with torch.no_grad():
+            return torch.cat([self.forward(x[i:i + chunk]) for i in range(0, len(x), chunk)], dim=1)
+
+    def step(self, opt: torch.optim.Optimizer, lr: float, losses: torch.Tensor) -> None:
+        """One optimiser step on the summed per-model ``losses`` (M,) at learning rate ``lr``."""
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        self.failed |= ~torch.isfinite(losses.detach())
 
 
 def _train_stack(task, models, x, y, subsets, seeds, settings, steps, model_ids) -> TrainedModels:
-    """Train models of equal ``steps`` per epoch as one stack (see the module docstring)."""
-    params, _ = stack_module_state(models)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
-    opt = _make_optimizer(list(params.values()), settings)
+    """Train models of equal ``steps`` per epoch as one :class:`ModelStack` (see the module docstring)."""
+    stack = ModelStack(models)
+    opt = _make_optimizer(list(stack.params.values()), settings)
     full_batch = settings.batch_size == 0
     total = steps * settings.epochs
+    dtype = settings.compute_dtype
 
     def per_model_loss(p, xb, yb, wb):
         with _autocast(x.device, settings):
-            out = task.forward(lambda *a: functional_call(base, p, a), xb, yb)
+            out = task.forward(stack.module(p), xb, yb)
         return (task.loss(out.float(), yb) * wb).sum()
 
-    fast = task.classes_first_loss()
-    linear_names = mlp_linear_names(models[0]) if fast is not None else None
-    if linear_names is not None:
+    fast = task.classes_first_loss() if stack.linear_names is not None else None
+    if fast is not None:
         encode, example_loss = fast
-        mlp_loss = _stacked_mlp_loss(linear_names, example_loss, settings.compute_dtype)
-        num_outputs = params[f"{linear_names[-1]}.weight"].shape[1]
+        num_outputs = stack.params[f"{stack.linear_names[-1]}.weight"].shape[1]
 
-        def loss_fn(p, xb, yb, wb):
-            xt = xb.reshape(xb.shape[0], xb.shape[1], -1).transpose(1, 2).to(settings.compute_dtype).contiguous()
-            return mlp_loss(p, xt, encode(yb, num_outputs).to(xb.dtype), wb)
+        def features_first(xb):  # (M, B, ...) -> (M, d, B) in the compute dtype
+            return xb.reshape(xb.shape[0], xb.shape[1], -1).transpose(1, 2).to(dtype).contiguous()
+
+        def loss_fn(xb, yb, wb):
+            return (example_loss(stack.mlp(features_first(xb), dtype).float(), encode(yb, num_outputs).to(xb.dtype)) * wb).sum(1)
     else:
-        loss_fn = torch.vmap(per_model_loss, in_dims=(0, 0, 0, 0))
+        vmapped = torch.vmap(per_model_loss, in_dims=(0, 0, 0, 0))
+        loss_fn = lambda xb, yb, wb: vmapped(stack.params, xb, yb, wb)  # noqa: E731
     if full_batch and not settings.augment:
         # Gather each model's subset once (padded, zero weight): half the compute of
         # masking the whole training set at alpha = 0.5.
         x_full, y_full, w_full = _padded_batch(x, y, subsets)
-        if linear_names is not None:  # the layout change is done once, not every epoch
-            xt_full = x_full.reshape(x_full.shape[0], x_full.shape[1], -1).transpose(1, 2).to(settings.compute_dtype).contiguous()
-            y_full = encode(y_full, num_outputs).to(x.dtype)
-            loss_fn = lambda p, xb, yb, wb: mlp_loss(p, xt_full, yb, wb)  # noqa: E731
+        if fast is not None:  # the layout change is done once, not every epoch
+            xt_full, y_full = features_first(x_full), encode(y_full, num_outputs).to(x.dtype)
+            loss_fn = lambda xb, yb, wb: (example_loss(stack.mlp(xt_full, dtype).float(), yb) * wb).sum(1)  # noqa: E731
     step = 0
     for epoch in range(settings.epochs):
         gens = [augmentation_generator(s, epoch) for s in seeds]
         per_model = [epoch_batches(subsets[i], seeds[i], epoch, steps) for i in range(len(models))]
         for batch in zip(*per_model):
-            for g in opt.param_groups:
-                g["lr"] = settings.lr * lr_factor(settings, step, total, steps)
             if full_batch and not settings.augment:
-                losses = loss_fn(params, x_full, y_full, w_full)
+                losses = loss_fn(x_full, y_full, w_full)
             else:
                 if settings.augment:  # each model augments its own batch with its own draws
                     batch = [np.asarray(b) for b in batch]
@@ -356,16 +399,13 @@ def _train_stack(task, models, x, y, subsets, seeds, settings, steps, model_ids)
                     xb = torch.stack([torch.cat([augment(xi[:len(b)], gen), xi[len(b):]]) for xi, b, gen in zip(xb, batch, gens)])
                 else:
                     xb, yb, wb = _padded_batch(x, y, batch)
-                losses = loss_fn(params, xb, yb, wb)
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            opt.step()
+                losses = loss_fn(xb, yb, wb)
+            stack.step(opt, settings.lr * lr_factor(settings, step, total, steps), losses)
             step += 1
-        bad = ~torch.isfinite(losses.detach())
-        if bad.any():
-            ids = [model_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+        if stack.failed.any():
+            ids = [model_ids[i] for i in torch.nonzero(stack.failed).flatten().tolist()]
             raise NonFiniteLossError(f"loss became non-finite for models {ids} at epoch {epoch}; lower train.lr")
-    return TrainedModels(base=base, params={k: v.detach() for k, v in params.items()})
+    return TrainedModels(base=stack.base, params={k: v.detach() for k, v in stack.params.items()})
 
 
 def flatten_state(state: dict[str, torch.Tensor]) -> np.ndarray:
