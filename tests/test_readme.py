@@ -88,7 +88,7 @@ def unlearning_claims(u: dict) -> list[str]:
     acc = u["accuracy"]["forget"]
     out.append(f"GA's forget accuracy is {acc['ga']:.2f} against the oracles' {acc['oracle']:.2f}")
     best = {kind: c["best"]["dmm"][1] for kind, c in u["selection"].items()}
-    out.append(f"the budgets chosen for it are short ({best['random']:g} and {best['component']:g} epoch-equivalents)")
+    out.append(f"the budgets chosen for it are {best['random']:g} and {best['component']:g} epoch-equivalents")
     lc = u["attribution"]["lasso_check"]
     out += [f"Pearson {lc['ridge']['pearson']:.3f} for ridge and {lc['lasso']['pearson']:.3f} for the lasso",
             f"on {lc['targets']} logit targets"]  # the lasso's minutes are wall-clock, left out like every timing
