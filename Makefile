@@ -34,8 +34,11 @@ test: $(STAMP) browser
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest
 
 # LAB_ARGS passes options through, e.g. LAB_ARGS="--no-browser --port=8899"
+# As root (a container), JupyterLab refuses to start without --allow-root: pass it only then.
+ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+
 lab: $(STAMP)
-	PATH=$(BIN):$$PATH $(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+	PATH=$(BIN):$$PATH $(BIN)/jupyter lab notebooks/ $(ROOT_FLAG) $(LAB_ARGS)
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'

@@ -26,9 +26,16 @@ def test_every_model_a_method_uses_is_charged_at_the_same_rate():
 
 
 def test_selection_uses_validation_models_only():
-    cmp, w = _cmp()
-    best, lds = cmp.select({"true": w, "noise": np.random.default_rng(1).normal(size=w.shape)})
-    assert best == "true" and lds["true"] > lds["noise"]
+    """Validation models follow one truth and evaluation models another: a selector that peeked at
+    the evaluation set would pick the other candidate."""
+    rng = np.random.default_rng(0)
+    n, t, m, v = 20, 4, 30, 9
+    w_eval, w_val = rng.normal(size=(n, t)), rng.normal(size=(n, t))
+    masks, vm = (rng.random((m, n)) < 0.5).astype(float), (rng.random((v, n)) < 0.5).astype(float)
+    cmp = Comparison(seconds_per_model=0.5, ground=Ground(masks, masks @ w_eval, masks @ w_eval, vm, vm @ w_val))
+    best, lds = cmp.select({"evaluation_truth": w_eval, "validation_truth": w_val})
+    assert best == "validation_truth" and lds["validation_truth"] > lds["evaluation_truth"]
+    assert cmp.add("evaluation_truth", 1, 0.0, w_eval, selects=False)["lds"] > cmp.add("validation_truth", 1, 0.0, w_val, selects=False)["lds"]
 
 
 def test_overtaking_point_is_the_cheapest_point_above_the_rivals_best():

@@ -141,3 +141,25 @@ def test_a_model_trains_the_same_in_any_grouping_with_minibatches_and_augmentati
     # steps per epoch come from each model's own subset: model 4 takes 6 steps, the rest 5 (stacked apart)
     assert [settings.steps_per_epoch(int(m.sum())) for m in masks] == [5, 5, 5, 5, 6, 5]
     assert np.abs(together[0] - together[1]).max() > 0.05  # the models differ: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_triangular_schedule_rises_to_the_peak_then_falls_to_zero(digits, monkeypatch, batched):
+    """The learning rate each optimizer step uses, against the closed form: linear warm-up over
+    peak_epoch epochs to train.lr, then linear decay to 0 at the last step (constant: train.lr)."""
+    x, y = digits[1], digits[2]
+    masks = subset_masks(0, np.arange(1), len(y), 0.5)
+    steps_per_epoch = -(-int(masks.sum()) // 128)
+    real = torch.optim.SGD.step
+    for schedule in ("triangular", "constant"):
+        settings = TrainSettings(epochs=4, lr=0.1, optimizer="sgd", batch_size=128, schedule=schedule, peak_epoch=1.5)
+        used = []
+        monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: used.append(self.param_groups[0]["lr"]) or real(self, *a, **k))
+        factory = lambda: build_model("mlp", (64,), 10, hidden=[8])  # noqa: E731
+        train_models(TASK, init_models(factory, [1]), x, y, masks, [1], settings, batched=batched)
+        total, peak = 4 * steps_per_epoch, int(1.5 * steps_per_epoch)
+        step = np.arange(total)
+        closed = np.where(step < peak, (step + 1) / peak, (total - step) / (total - peak)) if schedule == "triangular" else np.ones(total)
+        np.testing.assert_allclose(used, 0.1 * closed, rtol=1e-12)
+        if schedule == "triangular":
+            assert max(used) == pytest.approx(0.1) and used[0] < 0.1 / 2 and used[-1] < 0.1 / 2

@@ -1,7 +1,10 @@
 """`dvc exp run -S key=value` through the repo's own dvc.yaml, on a tiny profile in a fresh git + DVC
-project, and a bad value through plain `dvc repro`: one line naming the key, a non-zero exit
-before any stage runs, and every result already computed left in place."""
+project: more models, fewer held-out models (the store's first ones, no training), the README's
+TRAK experiment (its own feature store), switching params back and forth (each set keeps its
+store), a bad value through plain `dvc repro` (one line naming the key, before any stage runs) and
+a stage that fails inside its notebook (one line, and its last good outputs back in place)."""
 import json
+import shutil
 
 import pytest
 import yaml
@@ -11,7 +14,8 @@ from dvc_project import make_project, sh
 TINY = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8, "train.num_models": 60,
         "train.block_size": 30, "train.num_checkpoints": 4, "attribution.selection_models": 20, "datamodels.model_counts": [50],
         "trak.num_models": [1, 2], "attribution.ensemble_sizes": [1, 2], "attribution.tracin_epochs": [2, 5],
-        "modeldiff.num_models": 20, "modeldiff.num_checkpoints": 2, "modeldiff.trak_models": 2}
+        "modeldiff.num_models": 20, "modeldiff.num_checkpoints": 2, "modeldiff.trak_models": 2, "evaluation.num_masks": 10,
+        "trak.proj_dims": [16, 32], "datamodels.num_lambdas": 5, "attribution.ekfac_dampings": [0.1]}
 
 
 
@@ -56,7 +60,44 @@ def test_dvc_experiments_and_a_bad_param_through_plain_dvc_repro(root, tmp_path)
     lines = [l for l in said.splitlines() if "train.alpha=1.5" in l]
     assert len(lines) == 1 and "(0.0, 1.0]" in lines[0], said
     assert "Running stage 'train_subsets'" not in said  # stopped before any stage
-    assert metrics.read_text() == before and (proj / "stores" / "train_subsets.zarr").exists()
+    assert metrics.read_text() == before and len(list((proj / "stores" / "train_subsets").glob("*.zarr"))) == 1
+    params["train"]["alpha"] = 0.5
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    # fewer held-out models than the store holds: its first ones, nothing trained, no block-size complaint
+    sh(["dvc", "repro", "eval_models"], proj)
+    [eval_store] = (proj / "stores" / "eval_models").glob("*.zarr")
+    stamps = _mtimes(eval_store)
+    sh(["dvc", "exp", "run", "eval_models", "-S", "evaluation.num_masks=6", "-n", "fewer-masks"], proj)
+    assert json.loads((proj / "reports" / "eval_models" / "metrics.json").read_text())["num_models"] == 6 * params["evaluation"]["repeats"]
+    assert _mtimes(eval_store) == stamps and list((proj / "stores" / "eval_models").glob("*.zarr")) == [eval_store]
+
+    # other params and back: each set of params gets its own store, and switching back trains nothing
+    [first] = (proj / "stores" / "train_subsets").glob("*.zarr")
+    stamps = _mtimes(first)
+    sh(["dvc", "exp", "run", "train_subsets", "-S", "model.hidden=[8]", "-n", "narrower"], proj)
+    assert len(list((proj / "stores" / "train_subsets").glob("*.zarr"))) == 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # `dvc exp run -S` left its values in the file
+    sh(["dvc", "exp", "run", "train_subsets", "-n", "back"], proj)
+    assert _mtimes(first) == stamps and json.loads(metrics.read_text())["num_models"] == 60
+
+    # the README's experiment, as written there: other TRAK dimensions get their own feature store
+    sh(["dvc", "repro", "attribution_comparison"], proj)
+    sh(["dvc", "exp", "run", "attribution_comparison", "-S", "trak.proj_dims=[8]", "-n", "trak-k8"], proj)
+    assert len(list((proj / "stores" / "trak_features").glob("*.zarr"))) == 2
+    assert "best_lds_trak" in json.loads((proj / "reports" / "attribution_comparison" / "metrics.json").read_text())
+
+    # a stage that fails inside its notebook: one line naming the error, and the last good outputs back
+    kept = {p: p.read_bytes() for p in (proj / "reports" / "eval_models").rglob("*") if p.is_file()}
+    shutil.rmtree(eval_store / "completed")  # a store damaged behind the pipeline's back
+    failed = sh(["dvc", "repro", "-f", "eval_models"], proj, check=False)
+    said = [l for l in failed.stderr.splitlines() if l.startswith("eval_models failed:")]
+    assert failed.returncode != 0 and len(said) == 1 and "StoreError" in said[0] and "logs/eval_models.log" in said[0], failed.stderr
+    assert {p: p.read_bytes() for p in (proj / "reports" / "eval_models").rglob("*") if p.is_file()} == kept
+
+
+def _mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow

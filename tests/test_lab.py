@@ -16,7 +16,7 @@ def _free_port() -> int:
 
 def test_make_lab_starts_a_server_that_answers_its_status_api(root, tmp_path):
     port, token = _free_port(), "datalens-test"
-    args = f"--no-browser --allow-root --ip=127.0.0.1 --port={port} --IdentityProvider.token={token}"  # CI runs as root
+    args = f"--no-browser --ip=127.0.0.1 --port={port} --IdentityProvider.token={token}"  # make adds --allow-root for root (CI)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path), "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
     proc = subprocess.Popen(["make", "-s", "lab", f"LAB_ARGS={args}"], cwd=root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

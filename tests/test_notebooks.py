@@ -2,12 +2,15 @@
 same params path `dvc repro` uses, from the notebooks/ folder as JupyterLab runs them (no path edited), with every store given as a ``file://`` URL (fsspec);
 committed notebooks carry no outputs."""
 import json
+import re
+import struct
 import subprocess
 
 import papermill as pm
 import yaml
 
 from browser import open_offline
+from datalens.reporting import plots, reports
 from datalens.reporting.report_page import render_html
 
 COMMON = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8}
@@ -38,6 +41,18 @@ TINY["07_unlearning"] = {
     "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
 
 
+def _png_text(path) -> dict[str, str]:
+    """A PNG's tEXt chunks (matplotlib writes savefig's metadata there)."""
+    data, out, at = path.read_bytes(), {}, 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"tEXt":
+            key, _, value = data[at + 8:at + 8 + length].partition(b"\0")
+            out[key.decode("latin-1")] = value.decode("latin-1")
+        at += 12 + length
+    return out
+
+
 def _run(root, tmp_path, name, overrides, extra=None):
     from datalens.core.config import declared_params
     stage = name.split("_", 1)[1]
@@ -55,11 +70,20 @@ def _run(root, tmp_path, name, overrides, extra=None):
         parameters={"overrides": overrides, "out_dir": str(out), **(extra or {})}, cwd=str(root / "notebooks"), progress_bar=False,
         kernel_name="python3",
     )
-    metrics = json.loads((out / "metrics.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    # metrics.json is the headline: a few dozen flat scalars that dvc metrics show can print, taken from the results
+    headline = json.loads((out / "metrics.json").read_text())
+    assert headline == json.loads(json.dumps(reports.headline(stage, results))) and 0 < len(headline) <= 40
+    assert all(isinstance(v, (int, float)) for v in headline.values()), headline
+    executed = json.loads((tmp_path / f"{name}.ipynb").read_text())
+    shown = sum("image/png" in o.get("data", {}) for c in executed["cells"] for o in c.get("outputs", []))
     if stage != "modeldiff_train":  # a training stage with no figures of its own
         figures = list((out / "figures").glob("*.png"))
         assert figures and all(f.stat().st_size > 1000 for f in figures)
-    return metrics
+        shown_pt = {f.name: float(_png_text(f)["Shown font pt"]) for f in figures}  # the smallest text as the report shows it
+        assert min(shown_pt.values()) >= plots.MIN_SHOWN_PT, shown_pt
+        assert shown >= len(figures), f"{name} shows {shown} of its {len(figures)} figures inline"
+    return results
 
 
 def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
@@ -88,7 +112,7 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert not (tmp_path / "file:").exists()  # the URL stores were not taken for relative paths
     m6 = _run(root, tmp_path, "06_modeldiff_train", TINY["06_modeldiff_train"])
     assert set(m6) == {"planted_a", "planted_b", "natural_a", "natural_b", "control"}
-    assert m6["natural_a"]["store"] == f"file://{tmp_path}/train.zarr"  # the base run's store is reused
+    assert m6["natural_a"]["store"] == f"file://{tmp_path}/train.zarr"  # the base run's store is reused (a URL is shown as it is)
     assert all(m6[n]["models"] == 40 for n in ("planted_a", "planted_b", "natural_b", "control"))
     m7 = _run(root, tmp_path, "06_modeldiff", TINY["06_modeldiff"])
     assert len(m7["planted"]["recovery_by_direction"]) == 2 and m7["control"]["largest_variance_ratio"] >= 1
@@ -103,7 +127,9 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     for r in m8["table"]:
         assert 0 <= r["forget_p95"] <= 12 and r["finetune_epochs"] >= 0  # KLoM is at most about ln(1e5)
     assert all(r["finetune_epochs"] > 0 for r in m8["table"] if r["method"] in ("gd", "om", "dmm"))
-    assert (tmp_path / "unlearning" / "oracles_pc1.zarr").exists() and (tmp_path / "unlearning" / "base.zarr").exists()
+    # a store_dir holds a folder per run, and in it one store per identity
+    assert len(list((tmp_path / "unlearning" / "oracles_pc1").glob("*.zarr"))) == 1
+    assert len(list((tmp_path / "unlearning" / "base").glob("*.zarr"))) == 1
 
     # the report gathers every figure the stages drew, and opens offline in a browser with all of them
     report = {"evaluation.num_masks": 12, "evaluation.repeats": 2, "modeldiff.num_models": 40}
@@ -116,6 +142,12 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert {"datamodels_lds", "trak_lds_best", "modeldiff_planted_auroc", "unlearning_forget_klom_dmm"} <= set(headline)
     declared = [f.split("/", 1)[1] for f in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]]  # reports/<stage>/figures/x.png
     assert all((tmp_path / f).exists() for f in declared)
+    text = html.read_text()
+    first_heading = re.search(r"<h[1-6][^>]*>(.*?)</h[1-6]>", text, re.S).group(1)
+    assert first_heading.startswith("datalens") and "Params read" not in text  # the page opens on its title, not the notebook's intro
+    assert "No description has been provided" not in text and 'alt="Test accuracy of every subset model' in text
+    captions = re.findall(r"<p>(<strong>.*?)</p>", text, re.S)
+    assert captions and not [c for c in captions if ".." in c or "(<em>" in c or c.count("Park et al.") > 1], captions
     page = open_offline(html, tmp_path / "report.png")
     assert page == {"images": len(declared), "loaded": len(declared), "remote": []}
 

@@ -132,12 +132,13 @@ def test_params_and_dvc_repro_attribute_a_model_of_ones_own(own, root):
     sh(["git", "init", "-q"], proj)
     sh(["dvc", "init", "-q"], proj)
     sh(["dvc", "repro", "attribution_comparison"], proj)
-    metrics = json.loads((proj / "reports" / "attribution_comparison" / "metrics.json").read_text())
+    metrics = json.loads((proj / "reports" / "attribution_comparison" / "results.json").read_text())
     text = json.dumps(metrics)
     assert "trak" in text and "grad_dot" in text and "ekfac_influence" in text
-    fit = json.loads((proj / "reports" / "fit_datamodels" / "metrics.json").read_text())
+    fit = json.loads((proj / "reports" / "fit_datamodels" / "results.json").read_text())
     assert fit["num_models"] == 60
-    store = zarr_identity(proj / "stores" / "train_subsets.zarr")
+    [store_path] = (proj / "stores" / "train_subsets").glob("*.zarr")
+    store = zarr_identity(store_path)
     assert store["data.dataset"] == "own.py:wine" and store["model.name"] == "own.py:logistic_regression"
 
 

@@ -40,11 +40,11 @@ def test_the_cifar_profile_runs_end_to_end_on_tiny_cifar_data(root, tmp_path):
         pm.execute_notebook(str(root / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
                             parameters={"params_file": str(tmp_path / "params.yaml"), "overrides": overrides, "out_dir": str(out)},
                             cwd=str(root / "notebooks"), progress_bar=False, kernel_name="python3")
-    trained = json.loads((tmp_path / "06_modeldiff_train" / "metrics.json").read_text())
+    trained = json.loads((tmp_path / "06_modeldiff_train" / "results.json").read_text())
     assert trained["natural_a"]["model"] == "resnet9" and trained["natural_b"]["models"] == 20
-    result = json.loads((tmp_path / "06_modeldiff" / "metrics.json").read_text())
+    result = json.loads((tmp_path / "06_modeldiff" / "results.json").read_text())
     assert set(result["accuracy"]) == {"planted_a", "planted_b", "natural_a", "natural_b", "control"}
     assert len(result["planted"]["intervention"]["planted_b"]) == 3  # one record per patch intensity
-    assert (tmp_path / "stores" / "modeldiff" / "planted_b.zarr").exists()  # stores land beside the params file
-    unlearned = json.loads((tmp_path / "07_unlearning" / "metrics.json").read_text())
+    assert len(list((tmp_path / "stores" / "modeldiff" / "planted_b").glob("*.zarr"))) == 1  # stores land beside the params file
+    unlearned = json.loads((tmp_path / "07_unlearning" / "results.json").read_text())
     assert set(unlearned["verdict"]) == {"r", "pc"} and unlearned["num_models"] == 5  # ResNet-9s unlearned as one stack

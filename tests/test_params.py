@@ -68,6 +68,10 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     ({"modeldiff.num_checkpoints": 51}, ["modeldiff.num_checkpoints", "train.num_checkpoints"]),
     ({"modeldiff.trak_models": 51}, ["modeldiff.trak_models", "modeldiff.num_checkpoints"]),
     ({"unlearning.om_oracles": 101}, ["unlearning.om_oracles", "unlearning.num_models"]),
+    ({"counterfactuals.ks": [5, 2000]}, ["counterfactuals.ks", "data.dataset"]),
+    ({"unlearning.lasso_targets": 451}, ["unlearning.lasso_targets", "data.dataset"]),
+    ({"modeldiff.patch": {"label": 0, "count": 2000, "test_count": 300, "size": 2, "row": 0, "col": 0, "value": 3.0, "seed": 0}},
+     ["modeldiff.patch", "data.dataset"]),
     ({"unlearning.forget_sets": [{"name": "all", "kind": "random", "size": 1797},
                                  {"name": "s", "kind": "random", "size": 5, "select": True}]}, ["unlearning.forget_sets", "data.dataset"]),
 ])
@@ -93,6 +97,51 @@ def test_degenerate_values_are_refused(root, key, value):
              "attribution": "attribution_comparison"}.get(key.split(".")[0], "train_subsets")
     with pytest.raises(ParamError, match=key.replace(".", r"\.")):
         stage_params(stage, root / "params.yaml", {key: value})
+
+
+def test_every_problem_is_named_at_once_one_line_each(root, tmp_path):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["alpha"] = 1.5
+    params["trak"]["proj_type"] = "sparse"
+    params["counterfactuals"]["ks"] = [5, 5000]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamError) as err:
+        check_params_file(tmp_path / "params.yaml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and [l.split("=")[0] for l in lines] == ["train.alpha", "trak.proj_type", "counterfactuals.ks"], lines
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_line_number(root, tmp_path):
+    import subprocess
+    import sys
+    text = (root / "params.yaml").read_text().splitlines()
+    at = next(i for i, l in enumerate(text) if l.startswith("train:")) + 2
+    text.insert(at, "  alpha: [0.5")  # an unclosed list
+    (tmp_path / "params.yaml").write_text("\n".join(text) + "\n")
+    done = subprocess.run([sys.executable, "-m", "datalens.core.config", str(tmp_path / "params.yaml")], capture_output=True, text=True)
+    said = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode != 0 and len(said) == 1 and "YAML syntax error" in said[0], said
+    line = int(said[0].split(" line ")[1].split(",")[0])
+    assert at + 1 <= line <= at + 2, said  # the unclosed list, or the line where YAML noticed it
+
+
+def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_path):
+    """No GPU, no Ray cluster, no CIFAR tarball: `python -m datalens.core.config` names all four, one line each."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}  # no GPU, and no `ray start` cluster file
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "datalens.core.config", "params.yaml"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    said = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode != 0 and all(l.startswith("params: ") for l in said), said
+    keys = [l.split("params: ")[1].split("=")[0] for l in said]
+    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root"], said
+    assert "dvc update data.dvc" in said[3]
 
 
 def test_a_gpu_asked_for_where_none_is_visible_is_refused(root):

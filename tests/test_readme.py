@@ -1,5 +1,5 @@
 """Every number in the README's results section comes from a metrics file the pipeline wrote:
-this test rebuilds each claim from `reports/*/metrics.json` and fails when the README disagrees
+this test rebuilds each claim from `reports/*/results.json` and fails when the README disagrees
 (rerun the pipeline, then update the README from the metrics). Wall-clock seconds are left out:
 they differ on every machine and run, so a local `make repro` must not make this test fail; every
 other number here is deterministic (a fresh clone reproduces them exactly)."""
@@ -10,7 +10,7 @@ import pytest
 
 
 def _metrics(root) -> dict:
-    return {p.parent.name: json.loads(p.read_text()) for p in (root / "reports").glob("*/metrics.json")}
+    return {p.parent.name: json.loads(p.read_text()) for p in (root / "reports").glob("*/results.json")}
 
 
 def _trak(a, k):
@@ -100,9 +100,9 @@ def test_readme_results_agree_with_the_metrics_files(root):
     missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff",
                "unlearning"} - set(m)
     if missing:
-        pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/metrics.json")
+        pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/results.json")
     text = (root / "README.md").read_text()
     section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
     flat = re.sub(r"\s+", " ", section)
     stale = [c for c in claims(m) + unlearning_claims(m["unlearning"]) if re.sub(r"\s+", " ", c) not in flat]
-    assert not stale, "README results disagree with reports/*/metrics.json; expected to find:\n" + "\n".join(stale)
+    assert not stale, "README results disagree with reports/*/results.json; expected to find:\n" + "\n".join(stale)

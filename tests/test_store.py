@@ -100,3 +100,36 @@ def test_feature_store_shares_the_resumable_store_and_featurizes_only_what_is_mi
     assert (grown.read("seconds_projection_k16", slice(0, 3)) > 0).all()
     np.testing.assert_allclose(grown.seconds(3, 8) - grown.read("seconds_projection_k8", slice(0, 3)),
                                grown.seconds(3, 16) - grown.read("seconds_projection_k16", slice(0, 3)))
+
+
+def test_a_store_folder_holds_one_store_per_identity_and_switching_back_trains_nothing(tmp_path, monkeypatch):
+    import datalens.training.runs as tr
+    first = tiny_run(tmp_path / "stores")  # a folder, not a .zarr path: the location follows the identity
+    other = tiny_run(tmp_path / "stores", alpha=0.3)
+    train_subset_models(first, progress=False)
+    train_subset_models(other, progress=False)
+    assert first.location != other.location and {first.location, other.location} == {str(p) for p in (tmp_path / "stores").glob("*.zarr")}
+    calls = []
+    real = tr.train_block
+    monkeypatch.setattr(tr, "train_block", lambda r, b: calls.append(b) or real(r, b))
+    back = train_subset_models(first, progress=False)
+    assert calls == [] and back.completed().all()
+
+
+def test_fewer_models_and_another_block_size_reuse_the_first_models(tmp_path, monkeypatch):
+    import datalens.training.runs as tr
+    full = tiny_run(tmp_path / "stores")  # 12 models in blocks of 4
+    whole = train_subset_models(full, progress=False).read("test_outputs")
+    calls = []
+    real = tr.train_block
+    monkeypatch.setattr(tr, "train_block", lambda r, b: calls.append(b) or real(r, b))
+    fewer = tiny_run(tmp_path / "stores", num_models=5, block_size=5)  # the block size is layout: the store keeps 4
+    assert fewer.location == full.location
+    store = train_subset_models(fewer, progress=False)
+    assert calls == [] and store.num_models == 5 and store.block_size == 4
+    np.testing.assert_array_equal(fewer.open_store().read("test_outputs"), whole[:5])
+    # more models than the store holds, with yet another block size: only the new ones train, in the store's blocks
+    more = tiny_run(tmp_path / "stores", num_models=14, block_size=7)
+    store = train_subset_models(more, progress=False)
+    assert calls == [3] and store.completed().all() and store.read("test_outputs").shape[0] == 14
+    np.testing.assert_array_equal(store.read("test_outputs", slice(0, 12)), whole)

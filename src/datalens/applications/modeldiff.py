@@ -229,7 +229,7 @@ def algorithm_runs(p: dict) -> dict[str, SubsetRun]:
         if not overrides and not patch and not offset:
             out[name] = base
             continue
-        store = f"{resolve_location(p, md['store_dir'])}/{name}.zarr"
+        store = f"{resolve_location(p, md['store_dir'])}/{name}"  # a folder: one store per identity
         out[name] = algorithm_run(p, overrides, store=store, num_models=md["num_models"],
                                   num_checkpoints=md["num_checkpoints"], patch=patch, repeat_offset=offset)
     return out

@@ -164,7 +164,7 @@ def base_run(p: dict) -> SubsetRun:
     """The N base models: the full training set (alpha = 1), every weight kept for fine-tuning."""
     u = p["unlearning"]
     n = int(u["num_models"])
-    run = SubsetRun.from_params(p, store=f"{resolve_location(p, u['store_dir'])}/base.zarr", num_models=n,
+    run = SubsetRun.from_params(p, store=f"{resolve_location(p, u['store_dir'])}/base", num_models=n,
                                 num_checkpoints=n, block_size=min(int(p["train"]["block_size"]), n), stream="unlearning_base",
                                 record_logits=True)
     return replace(run, alpha=1.0)
@@ -176,7 +176,7 @@ def oracle_run(p: dict, forget: ForgetSet) -> SubsetRun:
     sees the models it is judged against)."""
     u = p["unlearning"]
     n = 2 * int(u["num_models"])
-    run = SubsetRun.from_params(p, store=f"{resolve_location(p, u['store_dir'])}/oracles_{forget.name}.zarr", num_models=n,
+    run = SubsetRun.from_params(p, store=f"{resolve_location(p, u['store_dir'])}/oracles_{forget.name}", num_models=n,
                                 num_checkpoints=0, block_size=min(int(p["train"]["block_size"]), n),
                                 stream="unlearning_oracle", record_logits=True)
     return replace(run, alpha=1.0, exclude=forget.indices)

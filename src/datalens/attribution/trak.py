@@ -35,7 +35,7 @@ from datalens.tasks.gradients import out_to_loss, per_example_gradients
 from datalens.core.progress import progress_bar
 from datalens.attribution.projection import PROJECTOR_VERSION, Projector
 from datalens.training.runs import SubsetRun
-from datalens.core.store import ArraySpec, ResumableStore, open_existing
+from datalens.core.store import ArraySpec, ResumableStore, located, open_existing
 
 
 @dataclass
@@ -187,7 +187,7 @@ class FeatureJob:
     """Featurize checkpoints of a subset run for every projection dimension in ``proj_dims``."""
 
     run: SubsetRun  # whose store holds the checkpoints
-    store: str  # where the features go
+    store: str  # the trak.store param: a folder of feature stores by identity, or one .zarr store (see ``location``)
     proj_dims: tuple[int, ...]
     proj_type: str = "rademacher"
     seed: int = 0
@@ -200,6 +200,11 @@ class FeatureJob:
                 "trak.proj_type": self.proj_type, "trak.seed": self.seed, "trak.backend": self.backend,
                 "trak.param_names": list(self.param_names) if self.param_names else None,
                 **{f"run.{k}": v for k, v in self.run.identity().items()}}
+
+    @property
+    def location(self) -> str:
+        """Where the features go: ``<store>/<identity hash>.zarr``, or ``store`` itself if it ends in ``.zarr``."""
+        return located(self.store, self.identity())
 
 
 class FeatureStore(ResumableStore):
@@ -214,7 +219,7 @@ class FeatureStore(ResumableStore):
         for k in job.proj_dims:
             arrays.update({f"train_k{k}": ArraySpec((n_train, k)), f"targets_k{k}": ArraySpec((n_targets, k)),
                            f"seconds_projection_k{k}": ArraySpec((), "float64")})
-        return cls.open(job.store, job.identity(), num_models, 1, arrays)
+        return cls.open(job.location, job.identity(), num_models, 1, arrays)
 
     def seconds(self, models: int, proj_dim: int) -> np.ndarray:
         """(models,) seconds it took to featurise each of the first ``models`` checkpoints at ``proj_dim`` alone."""
@@ -231,12 +236,12 @@ def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
     t0 = time.perf_counter()
     run = job.run
     device = resolve_device(run.device)
-    model = run.load_checkpoint(open_existing(run.store), model_index, device)
+    model = run.load_checkpoint(run.open_store(), model_index, device)
     load = time.perf_counter() - t0
     timings: dict = {}
     feats = featurize(run.make_task(), model, *run.dataset_().tensors(device), list(job.proj_dims), job.seed, model_index, job.proj_type,
                       job.param_names, backend=job.backend, timings=timings)
-    store = open_existing(job.store, "r+", FeatureStore)
+    store = open_existing(job.location, "r+", FeatureStore)
     values = {"q": next(iter(feats.values())).q.cpu().numpy()[None], "seconds_load": np.array([load]),
               "seconds_gradients": np.array([timings["gradients"]])}
     for k, f in feats.items():

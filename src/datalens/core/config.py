@@ -16,7 +16,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, create_model, model_validator
 
-from datalens.core.data import DATASETS, dataset_sizes, resolve_callable
+from datalens.core.data import DATASETS, dataset_sizes, missing_data, resolve_callable
+from datalens.core.execution import ray_reachable
 from datalens.core.models import MODELS
 
 
@@ -48,6 +49,16 @@ def resolve_location(p: dict, location: str) -> str:
     if "://" in location or location.startswith("/"):
         return location
     return f"{p.get('_root', '.')}/{location}"
+
+
+def shown_location(p: dict, location: str) -> str:
+    """A location as a person should read it: relative to the repo root when it lies inside it
+    (so metrics and notebooks do not differ between checkouts), else as it is."""
+    root = str(Path(p.get("_root", ".")).resolve())
+    path = location[len("file://"):] if location.startswith("file://") else location
+    if "://" in path or not Path(path).resolve().is_relative_to(root):
+        return location
+    return str(Path(path).resolve().relative_to(root))
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -302,38 +313,67 @@ def _own_model(flat: dict[str, Any]) -> bool:
     return ":" in str(flat.get("model.name", ""))
 
 
-def validate(flat: dict[str, Any], root: str | Path = ".") -> None:
-    """Check every dotted key in ``flat`` against :data:`SCHEMA`, that import paths of your own
-    data and model resolve (against the repo ``root``), then the rules that tie keys together
-    (:func:`check_consistency`); raise :class:`ParamError` naming the keys. A model given by
-    import path takes any other ``model.*`` keys as its keyword arguments."""
+def problems(flat: dict[str, Any], root: str | Path = ".", environment: bool = False) -> list[str]:
+    """Every problem with the dotted params ``flat``, one line each: each key against
+    :data:`SCHEMA`, import paths of your own data and model (resolved against the repo ``root``),
+    the rules that tie keys together (:class:`ParamRules`, on the keys that passed their own
+    check) and, with ``environment``, what this machine must offer (:func:`environment_problems`).
+    A model given by import path takes any other ``model.*`` keys as its keyword arguments."""
+    found, bad = [], set()
     for key, value in flat.items():
-        if key not in SCHEMA:
-            if key.startswith("model.") and _own_model(flat):
-                continue
-            raise ParamError(f"unknown param '{key}'; known params: {', '.join(sorted(SCHEMA))}")
-        SCHEMA[key](key, value)
+        try:
+            if key not in SCHEMA:
+                if key.startswith("model.") and _own_model(flat):
+                    continue
+                raise ParamError(f"unknown param '{key}'; known params: {', '.join(sorted(SCHEMA))}")
+            SCHEMA[key](key, value)
+        except ParamError as exc:
+            found.append(str(exc))
+            bad.add(key)
     for key, registered in (("data.dataset", DATASETS), ("model.name", MODELS)):
-        if key in flat and flat[key] not in registered:
+        if key in flat and key not in bad and flat[key] not in registered:
             try:
                 resolve_callable(flat[key], key, root)
             except ValueError as exc:
-                raise ParamError(str(exc)) from None
-    check_consistency(flat, root)
+                found.append(str(exc))
+                bad.add(key)
+    good = {k: v for k, v in flat.items() if k not in bad}
+    rules: list[str] = []
+    ParamRules.model_validate(good, context={"root": root, "problems": rules})
+    found += rules
+    if environment:
+        found += environment_problems(good, root)
+    return found
+
+
+def validate(flat: dict[str, Any], root: str | Path = ".", environment: bool = False) -> None:
+    """Raise :class:`ParamError` listing every one of :func:`problems`, one line each."""
+    found = problems(flat, root, environment)
+    if found:
+        raise ParamError("\n".join(found))
 
 
 class ParamRules(BaseModel):
     """The rules that tie params together, as pydantic validators over the flat params (dotted
     keys). A stage sees only the keys it declares, so each rule applies when all its keys are
-    present. Validate with ``context={"root": repo root}`` (a dataset's sizes come from the data)."""
+    present. Validate with ``context={"root": repo root, "problems": []}`` (a dataset's sizes come
+    from the data): every broken rule adds its line to ``problems``."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    def _rule(self, keys: tuple[str, ...], ok: Callable[..., bool], allowed: str) -> None:
+    def _rule(self, info: ValidationInfo, keys: tuple[str, ...], ok: Callable[..., bool], allowed: str) -> None:
         flat = self.model_extra
-        if all(k in flat for k in keys) and not ok(*(flat[k] for k in keys)):
+        if not all(k in flat for k in keys):
+            return
+        try:
+            if ok(*(flat[k] for k in keys)):
+                return
             shown = ", ".join(f"{k}={flat[k]!r}" for k in keys)
-            raise ParamError(f"{shown} do not fit together; {allowed}")
+            line = f"{shown} do not fit together; {allowed}"
+        except ParamError as exc:  # the data a rule needs could not be read
+            line = str(exc)
+        if line not in info.context["problems"]:
+            info.context["problems"].append(line)
 
     def _sizes(self, info: ValidationInfo) -> Callable[[str], tuple[int, int]]:
         def sizes(dataset: str) -> tuple[int, int]:
@@ -345,69 +385,86 @@ class ParamRules(BaseModel):
         return sizes
 
     @model_validator(mode="after")
-    def _training(self) -> "ParamRules":
-        self._rule(("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
+    def _training(self, info: ValidationInfo) -> "ParamRules":
+        self._rule(info, ("train.peak_epoch", "train.epochs"), lambda p, e: p <= e, "train.peak_epoch must be <= train.epochs")
         return self
 
     @model_validator(mode="after")
-    def _attribution(self) -> "ParamRules":
+    def _attribution(self, info: ValidationInfo) -> "ParamRules":
         n_ckpt = ("train.num_checkpoints",)
-        self._rule(("trak.num_models", *n_ckpt), lambda m, k: max(m) <= k, "every trak.num_models must be <= train.num_checkpoints")
-        self._rule(("attribution.ensemble_sizes", *n_ckpt), lambda m, k: max(m) <= k,
+        self._rule(info, ("trak.num_models", *n_ckpt), lambda m, k: max(m) <= k, "every trak.num_models must be <= train.num_checkpoints")
+        self._rule(info, ("attribution.ensemble_sizes", *n_ckpt), lambda m, k: max(m) <= k,
                    "every attribution.ensemble_sizes must be <= train.num_checkpoints")
-        self._rule(("attribution.tracin_epochs", "train.epochs"), lambda e, n: max(e) <= n,
+        self._rule(info, ("attribution.tracin_epochs", "train.epochs"), lambda e, n: max(e) <= n,
                    "every attribution.tracin_epochs must be <= train.epochs")
-        self._rule(("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
+        self._rule(info, ("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
                    "the selection models (the last attribution.selection_models of the run) must not overlap the checkpointed ones")
         return self
 
     @model_validator(mode="after")
     def _datamodels(self, info: ValidationInfo) -> "ParamRules":
-        self._rule(("datamodels.model_counts", "train.num_models"), lambda c, n: max(c) <= n,
+        self._rule(info, ("datamodels.model_counts", "train.num_models"), lambda c, n: max(c) <= n,
                    "every datamodels.model_counts must be <= train.num_models")
-        self._rule(("datamodels.model_counts", "datamodels.val_fraction"), lambda c, f: round(min(c) * f) >= MIN_RANKED,
+        self._rule(info, ("datamodels.model_counts", "datamodels.val_fraction"), lambda c, f: round(min(c) * f) >= MIN_RANKED,
                    f"the validation split of the smallest count must hold >= {MIN_RANKED} models to choose lambda")
-        self._rule(("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= self._sizes(info)(d)[1],
+        self._rule(info, ("counterfactuals.num_targets", "data.dataset"), lambda t, d: t <= self._sizes(info)(d)[1],
                    "counterfactuals.num_targets must be <= the test set size")
+        self._rule(info, ("counterfactuals.ks", "data.dataset"), lambda ks, d: max(ks) < self._sizes(info)(d)[0],
+                   "every counterfactuals.ks must be smaller than the training set (k examples are removed from it)")
         return self
 
     @model_validator(mode="after")
-    def _modeldiff(self) -> "ParamRules":
-        self._rule(("modeldiff.num_models", "train.num_models"), lambda m, n: m <= n,
+    def _modeldiff(self, info: ValidationInfo) -> "ParamRules":
+        self._rule(info, ("modeldiff.num_models", "train.num_models"), lambda m, n: m <= n,
                    "modeldiff.num_models must be <= train.num_models (an algorithm equal to the base run reuses its store)")
-        self._rule(("modeldiff.num_checkpoints", "train.num_checkpoints"), lambda m, n: m <= n,
+        self._rule(info, ("modeldiff.num_checkpoints", "train.num_checkpoints"), lambda m, n: m <= n,
                    "modeldiff.num_checkpoints must be <= train.num_checkpoints (the base run's checkpoints are reused)")
-        self._rule(("modeldiff.trak_models", "modeldiff.num_checkpoints"), lambda t, k: t <= k,
+        self._rule(info, ("modeldiff.trak_models", "modeldiff.num_checkpoints"), lambda t, k: t <= k,
                    "modeldiff.trak_models must be <= modeldiff.num_checkpoints")
+        self._rule(info, ("modeldiff.patch", "data.dataset"), lambda patch, d: patch["count"] + patch["test_count"] <= sum(self._sizes(info)(d)),
+                   "modeldiff.patch.count and test_count must fit in the training and test sets")
         return self
 
     @model_validator(mode="after")
     def _unlearning(self, info: ValidationInfo) -> "ParamRules":
-        self._rule(("unlearning.om_oracles", "unlearning.num_models"), lambda o, n: o <= n,
+        self._rule(info, ("unlearning.om_oracles", "unlearning.num_models"), lambda o, n: o <= n,
                    "unlearning.om_oracles must be <= unlearning.num_models (OM averages that many of the independent oracles)")
-        self._rule(("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < self._sizes(info)(d)[0] for s in sets),
+        self._rule(info, ("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < self._sizes(info)(d)[0] for s in sets),
                    "every forget set must be smaller than the training set")
+        self._rule(info, ("unlearning.lasso_targets", "data.dataset"), lambda t, d: t <= self._sizes(info)(d)[1],
+                   "unlearning.lasso_targets must be <= the test set size")
         return self
 
 
 def check_consistency(flat: dict[str, Any], root: str | Path = ".") -> None:
-    """Check :class:`ParamRules` on ``flat``; the first broken rule raises its one-line :class:`ParamError`."""
-    try:
-        ParamRules.model_validate(flat, context={"root": root})
-    except ValidationError as exc:
-        raise ParamError(str(exc.errors()[0]["ctx"]["error"])) from None
+    """Check :class:`ParamRules` on ``flat``; raise :class:`ParamError` with every broken rule, one line each."""
+    rules: list[str] = []
+    ParamRules.model_validate(flat, context={"root": root, "problems": rules})
+    if rules:
+        raise ParamError("\n".join(rules))
 
 
-def check_environment(flat: dict[str, Any]) -> None:
-    """What this machine must offer for the params to run: a visible CUDA device for
-    ``device: cuda`` or GPUs per task."""
-    if torch.cuda.is_available():
-        return
-    if flat.get("device") == "cuda":
-        raise ParamError("device='cuda' is not allowed here: no CUDA device is visible; allowed values: auto, cpu")
-    if flat.get("execution.num_gpus_per_task", 0) > 0:
-        raise ParamError(f"execution.num_gpus_per_task={flat['execution.num_gpus_per_task']!r} is not allowed here: "
+def environment_problems(flat: dict[str, Any], root: str | Path = ".") -> list[str]:
+    """What this machine must offer for the params to run, one line per lack: a visible CUDA
+    device for ``device: cuda`` or GPUs per task, a Ray cluster that answers at
+    ``execution.address``, and the data files of ``data.dataset``."""
+    found = []
+    if not torch.cuda.is_available():
+        if flat.get("device") == "cuda":
+            found.append("device='cuda' is not allowed here: no CUDA device is visible; allowed values: auto, cpu")
+        if flat.get("execution.num_gpus_per_task", 0) > 0:
+            found.append(f"execution.num_gpus_per_task={flat['execution.num_gpus_per_task']!r} is not allowed here: "
                          "no CUDA device is visible; it must be 0")
+    if flat.get("execution.backend") == "ray" and "execution.address" in flat:
+        try:
+            ray_reachable(flat["execution.address"])
+        except (ValueError, ConnectionError) as exc:
+            found.append(str(exc))
+    if "data.dataset" in flat and "data.root" in flat:
+        missing = missing_data(flat["data.dataset"], resolve_location({"_root": str(root)}, flat["data.root"]))
+        if missing:
+            found.append(f"data.root={flat['data.root']!r}: {missing}")
+    return found
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -420,8 +477,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def load_params(path: str | Path) -> dict:
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
+    """The params file as a nested dict; a missing file or a YAML syntax error is one
+    :class:`ParamError` line naming the file, line and column."""
+    try:
+        with open(path) as fh:
+            tree = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ParamError(f"no params file at {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
+        raise ParamError(f"{Path(path).name}{where}: YAML syntax error: {what}") from None
+    if not isinstance(tree, dict):
+        raise ParamError(f"{Path(path).name}: it must be a mapping of sections (device, data, model, train, ...)")
+    return tree
 
 
 def declared_params(stage: str, root: Path) -> list[str]:
@@ -456,9 +526,7 @@ def stage_params(stage: str, params_path: str | Path = "params.yaml", overrides:
             raise ParamError(f"override '{k}' is not a param of stage '{stage}'; its params: {', '.join(keys)}")
         full[k] = v
     flat = {k: full[k] for k in declared}
-    validate(flat, root)
-    if environment:
-        check_environment(flat)
+    validate(flat, root, environment)
     tree: dict = {}
     for k in sorted(flat):
         set_dotted(tree, k, copy.deepcopy(flat[k]))
@@ -466,15 +534,17 @@ def stage_params(stage: str, params_path: str | Path = "params.yaml", overrides:
     return tree
 
 
-def check_params_file(path: str | Path = "params.yaml") -> None:
-    """Validate a whole params file (every key and every rule between keys): ``make repro``
-    runs this before ``dvc repro``, so a bad value stops the pipeline before any stage."""
+def check_params_file(path: str | Path = "params.yaml", environment: bool = False) -> None:
+    """Validate a whole params file (every key and every rule between keys, and with
+    ``environment`` this machine: GPU, Ray cluster, data), raising every problem at once:
+    ``make repro`` and the pipeline's first stage run this, so bad input stops the pipeline
+    before any stage."""
     path = Path(path).resolve()
     try:
         root = repo_root(path.parent)
     except FileNotFoundError:  # a params file outside any repo: import paths resolve beside it
         root = path.parent
-    validate(flatten(load_params(path)), root)
+    validate(flatten(load_params(path)), root, environment)
 
 
 if __name__ == "__main__":
@@ -485,10 +555,10 @@ if __name__ == "__main__":
     if "--stamp" in args:  # the first stage of dvc.yaml: a constant file, so passing never reruns a stage
         stamp = args.pop(args.index("--stamp") + 1)
         args.remove("--stamp")
-    try:
-        check_params_file(args[0] if args else "params.yaml")
+    try:  # on this machine too: a GPU, a Ray cluster or data the params need and it lacks is named here
+        check_params_file(args[0] if args else "params.yaml", environment=True)
     except ParamError as exc:
-        sys.exit(f"params: {exc}")
+        sys.exit("\n".join(f"params: {line}" for line in str(exc).splitlines()))
     if stamp:
         Path(stamp).parent.mkdir(parents=True, exist_ok=True)
         Path(stamp).write_text("params.yaml passed every check of datalens.core.config\n")

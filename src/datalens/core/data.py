@@ -86,15 +86,20 @@ class Dataset:
                    _as_images(x_train) if images_train is None else np.asarray(images_train, np.float32),
                    _as_images(x_test) if images_test is None else np.asarray(images_test, np.float32))
 
-    def content_hash(self) -> str:
-        """SHA-256 (first 16 hex digits) of the training and test inputs and targets: part of every
-        store's identity, so editing a dataset never silently reuses models trained on the old one."""
+    @functools.cached_property
+    def _content_hash(self) -> str:
         h = hashlib.sha256()
         for a in (self.x_train, self.y_train, self.x_test, self.y_test):
             a = np.ascontiguousarray(a)
             h.update(f"{a.dtype.str}{a.shape}".encode())
             h.update(a.tobytes())
         return h.hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the training and test inputs and targets: part of every
+        store's identity, so editing a dataset never silently reuses models trained on the old one.
+        Computed once per dataset object (its arrays are never modified in place)."""
+        return self._content_hash
 
     def tensors(self, device="cpu"):
         """(x_train, y_train, x_test, y_test) as torch tensors on ``device``."""
@@ -139,14 +144,23 @@ def _read_cifar_tarball(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return np.concatenate(train_x), np.concatenate(train_y), np.concatenate(test_x), np.concatenate(test_y), names
 
 
+def missing_data_message(path: Path) -> str:
+    return (f"CIFAR-10 tarball not found at {path}. Fetch it once with `{CIFAR_FETCH_COMMAND}` "
+            f"(needs network; 170,498,071 bytes), or set data.root to the folder that holds {CIFAR_TARBALL}.")
+
+
+def missing_data(name: str, root: str | Path) -> str | None:
+    """Why dataset ``name`` cannot load from ``root`` (one line), or None when its files are there;
+    only the datasets that need a download can miss."""
+    path = Path(root) / CIFAR_TARBALL
+    return missing_data_message(path) if name in PUBLISHED_SIZES and not path.exists() else None
+
+
 def load_cifar(root: str | Path = "data", classes: tuple[int, ...] | None = None) -> Dataset:
     """CIFAR-10, or the subset of ``classes`` relabelled 0..len(classes)-1 (cifar2 = cat, dog)."""
     path = Path(root) / CIFAR_TARBALL
     if not path.exists():
-        raise FileNotFoundError(
-            f"CIFAR-10 tarball not found at {path}. Fetch it once with `{CIFAR_FETCH_COMMAND}` "
-            f"(needs network; 170,498,071 bytes), or set data.root to the folder that holds {CIFAR_TARBALL}."
-        )
+        raise FileNotFoundError(missing_data_message(path))
     xtr, ytr, xte, yte, names = _read_cifar_tarball(path)
     if classes is not None:
         keep_tr, keep_te = np.isin(ytr, classes), np.isin(yte, classes)

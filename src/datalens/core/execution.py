@@ -59,8 +59,7 @@ class RayExecutor:
         import ray
 
         self.options = {"num_cpus": num_cpus_per_task, "num_gpus": num_gpus_per_task, "max_retries": max_retries}
-        if address not in ("local", "auto"):
-            _check_reachable(address, connect_timeout)
+        ray_reachable(address, connect_timeout)
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -68,10 +67,6 @@ class RayExecutor:
         if address == "local":
             ray.init(num_cpus=num_cpus, **kwargs)
             return
-        if address == "auto":
-            if not os.environ.get("RAY_ADDRESS") and not _local_cluster_exists():
-                raise ConnectionError("execution.address='auto' but no Ray cluster runs on this machine; "
-                                      "start one with `ray start --head`, or set execution.address to local")
         ray.init(address=address, **kwargs)
 
     def map_unordered(self, fn: Callable[..., Any], jobs: Iterable[tuple], describe: Callable[[tuple], str] = repr) -> Iterator[Any]:
@@ -91,6 +86,20 @@ class RayExecutor:
         finally:
             for ref in pending:  # on error or interrupt, do not leave work running
                 ray.cancel(ref, force=True)
+
+
+def ray_reachable(address: str, timeout: float = 2.0) -> None:
+    """Raise (ValueError or ConnectionError, one line naming ``execution.address``) unless Ray
+    can start or join there: ``local`` always can; ``auto`` needs ``RAY_ADDRESS`` or a cluster
+    that ``ray start`` made on this machine; ``host:port`` must answer."""
+    if address == "local":
+        return
+    if address == "auto":
+        if not os.environ.get("RAY_ADDRESS") and not _local_cluster_exists():
+            raise ConnectionError("execution.address='auto' but no Ray cluster runs on this machine; "
+                                  "start one with `ray start --head`, or set execution.address to local")
+        return
+    _check_reachable(address, timeout)
 
 
 def _local_cluster_exists() -> bool:

@@ -9,6 +9,12 @@ changes the results; reopening under other ones is refused with a message naming
 first differing param. ``url`` may be any path or URL that zarr and fsspec open
 (``file://``, ``s3://``, ``memory://``).
 
+Where a store lives follows from its identity (:func:`located`): a store param that names a
+folder holds one store per identity, ``<folder>/<hash>.zarr``, so other params get their own
+store and switching back finds the old one; a param ending in ``.zarr`` is that one store, and
+other params are refused there. The block size is storage layout: a store keeps the one it was
+made with. Opened for fewer units than it holds, a store is a view of its first units.
+
 :class:`SubsetStore` is the store of a run of subset models::
 
     masks          (N, n) bool     chunks (B, n)
@@ -23,6 +29,8 @@ first differing param. ``url`` may be any path or URL that zarr and fsspec open
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +65,19 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def identity_hash(identity: dict[str, Any]) -> str:
+    """12 hex digits of SHA-256 over the identity as sorted JSON: a store's folder name."""
+    return hashlib.sha256(json.dumps(_jsonable(identity), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def located(location: str, identity: dict[str, Any]) -> str:
+    """The store for ``identity`` under a store param: ``location`` itself when it ends in
+    ``.zarr`` (an explicit store), else ``<location>/<identity_hash>.zarr``."""
+    if location.rstrip("/").endswith(".zarr"):
+        return location
+    return f"{location.rstrip('/')}/{identity_hash(identity)}.zarr"
+
+
 def _zarr_group(url: str, mode: str) -> zarr.Group:
     # fsspec's local file system does not make parent folders unless asked to
     options = {"storage_options": {"auto_mkdir": True}} if url.startswith("file://") else {}
@@ -88,12 +109,19 @@ class ResumableStore:
                              "move it aside or delete it, then rerun") from None
         self.num_units = self.completed_flags.shape[0]
 
+    def limited(self, num_units: int) -> "ResumableStore":
+        """This store seen as its first ``num_units`` units (all of them when it holds fewer):
+        what a run of that many units reads and completes, the rest left as they are."""
+        self.num_units = min(int(num_units), self.completed_flags.shape[0])
+        return self
+
     @classmethod
     def open(cls, url: str, identity: dict[str, Any], num_units: int, block_size: int, arrays: dict[str, ArraySpec],
              attrs: dict | None = None):
-        """Open the store at ``url`` for work with ``identity`` params, creating it if absent and
-        growing it when ``num_units`` exceeds what it holds. Raises :class:`StoreError` naming
-        the first param that differs, or the layout param (block size) that changed."""
+        """Open the store at ``url`` for work with ``identity`` params, creating it (in blocks of
+        ``block_size``) if absent, growing it when ``num_units`` exceeds what it holds and seeing
+        only its first ``num_units`` when it holds more. An existing store keeps its own block
+        size. Raises :class:`StoreError` naming the first param that differs."""
         identity = _jsonable(identity)
         group = _open_group(url, "r+")
         if group is None:
@@ -108,9 +136,6 @@ class ResumableStore:
             return cls(group, url)
         store = cls(group, url)
         store.check_identity(identity)
-        if store.block_size != block_size:
-            raise StoreError(f"store at {url} was written in blocks of {store.block_size} units, now {block_size}; "
-                             "the block size fixes the chunk layout, so keep it or use a new store")
         missing = [name for name in arrays if name not in group]
         if missing:
             raise StoreError(f"store at {url} is corrupted or not a {cls.kind} (missing {missing}); move it aside or delete it")
@@ -119,8 +144,7 @@ class ResumableStore:
                 if spec.rows is None:
                     group[name].resize((num_units, *group[name].shape[1:]))
             store.completed_flags = group["completed"]  # a fresh handle sees the new shape
-            store.num_units = num_units
-        return store
+        return store.limited(num_units)
 
     def check_identity(self, identity: dict[str, Any]) -> None:
         identity = _jsonable(identity)
@@ -143,7 +167,7 @@ class ResumableStore:
 
     def completed(self) -> np.ndarray:
         """(N,) bool: which units are done."""
-        return np.asarray(self.completed_flags[:])
+        return np.asarray(self.completed_flags[: self.num_units])
 
     def missing_blocks(self) -> list[int]:
         done = self.completed()
@@ -221,9 +245,11 @@ class SubsetStore(ResumableStore):
         return vec
 
 
-def open_existing(url: str, mode: str = "r", cls: type[ResumableStore] = SubsetStore):
-    """Open a finished or partial store (``mode="r+"`` to write blocks into it)."""
+def open_existing(url: str, mode: str = "r", cls: type[ResumableStore] = SubsetStore, num_units: int | None = None):
+    """Open a finished or partial store (``mode="r+"`` to write blocks into it), seen as its
+    first ``num_units`` units when given."""
     group = _open_group(url, mode)
     if group is None:
         raise FileNotFoundError(f"no store at {url}; run the stage that creates it first")
-    return cls(group, url)
+    store = cls(group, url)
+    return store if num_units is None else store.limited(num_units)

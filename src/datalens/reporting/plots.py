@@ -12,6 +12,31 @@ import seaborn as sns  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook")
 
+DPI = 110
+REPORT_WIDTH_IN = 10.0  # the report's column (1100 px) at DPI: wider figures are shown scaled down
+MIN_SHOWN_PT = 7.0  # the smallest text a figure may show at that width (tests check every multi-panel figure)
+MAX_COLUMNS = 3  # panels per row of a multi-panel figure, so its text stays readable
+
+
+def shown_font_size(fig) -> float:
+    """The smallest font (points) of any visible text in ``fig`` as the report shows it: figures
+    wider than the report's column are scaled down to it."""
+    scale = min(1.0, REPORT_WIDTH_IN / fig.get_figwidth())
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * scale if sizes else float("inf")
+
+
+def _panels(n: int, width: float, height: float, **kwargs):
+    """A figure of ``n`` panels, at most :data:`MAX_COLUMNS` a row, unused cells hidden; returns
+    (fig, the n axes in order)."""
+    cols = min(n, MAX_COLUMNS)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kwargs)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
 
 def _save(fig, path: Path, caption: str = "", top: float = 1.0) -> Path:
     """Lay out (below ``top``, leaving room for a figure legend above), add ``caption`` under the
@@ -20,8 +45,9 @@ def _save(fig, path: Path, caption: str = "", top: float = 1.0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(rect=(0, 0.08 if caption else 0, 1, top))
     if caption:
-        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, wrap=True)
-    fig.savefig(path, dpi=110)
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8.5, wrap=True)
+    # the smallest text as the report shows it, kept in the PNG so a test can check every figure drawn
+    fig.savefig(path, dpi=DPI, metadata={"Shown font pt": f"{shown_font_size(fig):.2f}"})
     plt.close(fig)
     return path
 
@@ -65,6 +91,7 @@ def scatter_predicted_actual(predicted: np.ndarray, actual: np.ndarray, path: Pa
 
 def image_grid(images: list[np.ndarray], titles: list[str], path: Path, ncols: int, size: float = 1.3) -> Path:
     nrows = -(-len(images) // ncols)
+    size = min(size, REPORT_WIDTH_IN / ncols)  # never wider than the report, so the titles stay readable
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -108,7 +135,7 @@ def top_attributed(scores: np.ndarray, targets, images_test, images_train, label
 def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = None, caption: str = "") -> Path:
     """LDS of every method against charged wall seconds and charged trained models (log x);
     ``caption`` (the accounting rules) is printed under the axes."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(REPORT_WIDTH_IN, 4.6), sharey=True)
     methods = sorted({r["method"] for r in records})
     palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
     for ax, key, label in ((axes[0], "seconds", "charged compute (wall seconds on this machine)"),
@@ -194,12 +221,12 @@ def klom_vs_compute(curves: dict[str, dict[str, list[tuple[float, float]]]], flo
     (no fine-tuning) as a star at the left edge; the floor (independent oracles) and ceiling
     (do nothing) as lines. curves[set][method] = [(compute, klom), ...]."""
     names = list(curves)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.9), sharey=True, squeeze=False)
+    fig, axes = _panels(len(names), 3.4, 3.6, sharey=True)
     methods = sorted({m for c in curves.values() for m in c})
     palette = dict(zip(methods + ["dm_direct"], sns.color_palette("tab10", len(methods) + 1)))
     xs = [x for c in curves.values() for pts in c.values() for x, _ in pts if x > 0]
     left = min(xs) / 3 if xs else 0.01
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes, names):
         for m in methods:
             pts = curves[name].get(m, [])
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=m, color=palette[m])
@@ -208,9 +235,9 @@ def klom_vs_compute(curves: dict[str, dict[str, list[tuple[float, float]]]], flo
         ax.axhline(ceilings[name], color="grey", ls="--", label="ceiling (do nothing)")
         ax.set_xscale("log")
         ax.set(title=name, xlabel="fine-tuning epoch-equivalents")
-    axes[0][0].set_ylabel("KLoM, forget set, 95th pct")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    axes[0].set_ylabel("KLoM, forget set, 95th pct")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=9, frameon=False)
     return _save(fig, path, caption, top=0.9)
 
 
@@ -218,13 +245,13 @@ def klom_distributions(values: dict[str, dict[str, np.ndarray]], path: Path, cap
     """Box plots of per-example KLoM per split (a panel each), one box per method:
     values[method][split] = (examples,)."""
     splits = list(next(iter(values.values())))
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.3 * len(splits), 3.9), sharey=True)
-    for ax, split in zip(np.atleast_1d(axes), splits):
+    fig, axes = _panels(len(splits), 3.3, 3.9, sharey=True)
+    for ax, split in zip(axes, splits):
         names = list(values)
         ax.boxplot([values[m][split] for m in names], whis=(5, 95), showfliers=False)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=60, fontsize=8)
         ax.set(title=split)
-    np.atleast_1d(axes)[0].set_ylabel("KLoM per example (whiskers 5-95%)")
+    axes[0].set_ylabel("KLoM per example (whiskers 5-95%)")
     return _save(fig, path, caption)
 
 
@@ -233,16 +260,16 @@ def margin_histograms(oracle: np.ndarray, unlearned: dict[str, np.ndarray], titl
     """For a few forget examples (a panel each), histograms over models of the oracles' margins
     (N, k) and of each method's unlearned margins (N, k)."""
     k = oracle.shape[1]
-    fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.4), squeeze=False)
-    for j, ax in enumerate(axes[0]):
+    fig, axes = _panels(k, 3.3, 3.2)
+    for j, ax in enumerate(axes):
         sample = np.concatenate([oracle[:, j]] + [v[:, j] for v in unlearned.values()])
         bins = np.linspace(sample.min(), sample.max(), 25)
         ax.hist(oracle[:, j], bins=bins, color="k", alpha=0.35, label="oracles")
         for name, v in unlearned.items():
             ax.hist(v[:, j], bins=bins, histtype="step", lw=1.4, label=name)
         ax.set(title=titles[j], xlabel="margin")
-    axes[0][0].set_ylabel("models")
-    axes[0][-1].legend(fontsize=7)
+    axes[0].set_ylabel("models")
+    axes[-1].legend(fontsize=8)
     return _save(fig, path, caption)
 
 
@@ -250,7 +277,7 @@ def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, t
     """values[group][series]: one cluster of bars per group (e.g. split), one bar per series (e.g. method)."""
     groups = list(values)
     series = list(next(iter(values.values())))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(series) * len(groups)), 4.0))
+    fig, ax = plt.subplots(figsize=(min(REPORT_WIDTH_IN, max(6.0, 0.45 * len(series) * len(groups))), 4.0))
     width = 0.8 / len(series)
     for i, s in enumerate(series):
         ax.bar(np.arange(len(groups)) + i * width, [values[g][s] for g in groups], width, label=s)
@@ -258,5 +285,5 @@ def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, t
     lo = min(v for g in values.values() for v in g.values())
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.set(ylabel=ylabel, title=title)
-    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=len(series), fontsize=8, frameon=False)
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=min(len(series), 6), fontsize=8, frameon=False)
     return _save(fig, path, caption, top=0.9)

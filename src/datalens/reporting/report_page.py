@@ -4,7 +4,9 @@ never numbers in code), a summary table of headline metrics, rendered into one s
 HTML page that opens offline."""
 from __future__ import annotations
 
+import base64
 import datetime
+import html
 import json
 import re
 import subprocess
@@ -13,6 +15,9 @@ from pathlib import Path
 import nbformat
 import yaml
 from nbconvert import HTMLExporter
+from nbconvert.preprocessors import TagRemovePreprocessor
+
+from datalens.reporting.reports import best_record, mean_p95
 
 
 NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
@@ -22,24 +27,14 @@ SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "c
             ("TRAK and the method comparison", ("attribution_comparison",)),
             ("ModelDiff", ("modeldiff",)),
             ("Unlearning", ("unlearning",))]
+NOTEBOOK_ONLY = "notebook-only"  # a cell tag: left out of the rendered page
 SCALE = "Here: scikit-learn digits and a one-hidden-layer MLP on 2 CPU cores; there: CIFAR-10 and ResNet-9."
-
-
-def _best(m: dict, method: str, **match) -> dict:
-    recs = [r for r in m["records"] if r["method"] == method and all(r.get(k) == v for k, v in match.items())]
-    return max(recs, key=lambda r: r["lds"])
-
-
-def _mean_p95(m: dict, method: str, split: str = "forget") -> float:
-    """Mean over the reported forget sets of a method's 95th-percentile KLoM on ``split`` at its chosen setting."""
-    vals = [r[f"{split}_p95"] for r in m["table"] if r["method"].split(" ")[0] == method]
-    return sum(vals) / len(vals)
 
 
 def _unlearning_line(m: dict) -> str:
     names = {"floor": "floor", "do_nothing": "do nothing", "gd": "GD", "ga": "GA", "ascent_descent": "ascent-descent",
              "scrub": "SCRUB", "om": "OM", "dmm": "DMM", "dm_direct": "DM-direct"}
-    return "forget-set KLoM p95, mean over reported sets: " + ", ".join(f"{v} {_mean_p95(m, k):.2f}" for k, v in names.items())
+    return "forget-set KLoM p95, mean over reported sets: " + ", ".join(f"{v} {mean_p95(m, k):.2f}" for k, v in names.items())
 
 
 def _trak_at(m: dict, models_used: int) -> float:
@@ -82,12 +77,12 @@ FIGURES = [
                f"{list(m['brittleness']['fraction_flipped_predicted'].values())[-1]:.3f}, confirmed "
                f"{list(m['brittleness']['fraction_flipped_confirmed'].values())[-1]:.3f}", []),
     ("attribution_comparison", "lds_vs_compute.png", "LDS of every method against charged compute.", "TRAK paper, Figure 1",
-     lambda m: f"TRAK best {_best(m, 'trak')['lds']:.3f}; datamodels best {_best(m, 'datamodels')['lds']:.3f}; "
-               f"TRAK from 1 model {_trak_at(m, 1):.3f}; influence functions {_best(m, 'influence_cg')['lds']:.3f}; "
-               f"TracIn {_best(m, 'tracin')['lds']:.3f}. {m['accounting']}",
+     lambda m: f"TRAK best {best_record(m, 'trak')['lds']:.3f}; datamodels best {best_record(m, 'datamodels')['lds']:.3f}; "
+               f"TRAK from 1 model {_trak_at(m, 1):.3f}; influence functions {best_record(m, 'influence_cg')['lds']:.3f}; "
+               f"TracIn {best_record(m, 'tracin')['lds']:.3f}. {m['accounting']}",
      ["trak_lds_1_model", "trak_lds_100_models", "datamodels_lds_best", "influence_lds", "tracin_lds"]),
     ("attribution_comparison", "trak_ablation_k_M.png", "TRAK's LDS against models ensembled, per projection dimension.",
-     "TRAK paper, ablations over k and M", lambda m: f"best {_best(m, 'trak')['lds']:.3f} at k = {_best(m, 'trak')['proj_dim']}", []),
+     "TRAK paper, ablations over k and M", lambda m: f"best {best_record(m, 'trak')['lds']:.3f} at k = {best_record(m, 'trak')['proj_dim']}", []),
     ("attribution_comparison", "trak_ablation_ridge.png", "TRAK's LDS against the ridge, on validation and evaluation models.",
      "this repo's ridge (not in the paper)", lambda m: "", []),
     ("attribution_comparison", "trak_soft_threshold.png", "TRAK with and without soft-thresholding chosen on validation models.",
@@ -130,7 +125,7 @@ FIGURES = [
     ("unlearning", "klom_distributions.png", "Per-example KLoM on the forget, retain and validation examples, each method at its chosen setting.",
      "Attribute-to-Delete paper, KLoM per split",
      lambda m: "retain KLoM p95, mean over sets: " + ", ".join(
-         f"{k} {_mean_p95(m, k, 'retain'):.2f}" for k in ("floor", "do_nothing", "om", "dmm", "dm_direct")), []),
+         f"{k} {mean_p95(m, k, 'retain'):.2f}" for k in ("floor", "do_nothing", "om", "dmm", "dm_direct")), []),
     ("unlearning", "margin_histograms.png", "Margins over models of a few forget examples: oracles against unlearned models.",
      "Attribute-to-Delete paper, margin distributions", lambda m: "", []),
     ("unlearning", "accuracy.png", "Accuracy on forget, retain and validation examples of each method and of the oracles.",
@@ -144,11 +139,11 @@ def load_published(path) -> dict:
         return yaml.safe_load(fh)
 
 
-def load_metrics(reports_dir) -> dict[str, dict]:
-    """Every stage's metrics.json under ``reports_dir`` (stages that have not run are absent)."""
+def load_results(reports_dir) -> dict[str, dict]:
+    """Every stage's results.json under ``reports_dir`` (stages that have not run are absent)."""
     out = {}
     for stage in NOTEBOOKS:
-        path = Path(reports_dir) / stage / "metrics.json"
+        path = Path(reports_dir) / stage / "results.json"
         if path.exists():
             out[stage] = json.loads(path.read_text())
     return out
@@ -158,24 +153,56 @@ def figure_entries(reports_dir, published: dict) -> list[dict]:
     """Per section, each figure that exists with its caption: what it shows, what it mirrors, the
     number measured here beside the published one (with the difference of scale), and the stage
     and notebook that made it."""
-    metrics = load_metrics(reports_dir)
+    metrics = load_results(reports_dir)
     entries = []
     for section, stages in SECTIONS:
         for stage, name, shows, mirrors, measured, keys in FIGURES:
             path = Path(reports_dir) / stage / "figures" / name
             if stage not in stages or stage not in metrics or not path.exists():
                 continue
-            pub = [f"{published['numbers'][k]['what']}: {published['numbers'][k]['value']} "
-                   f"({published['numbers'][k]['where']}; {published['sources'][published['numbers'][k]['source']]})" for k in keys]
+            by_source: dict[str, list[str]] = {}  # each paper cited once, after all its numbers
+            for k in keys:
+                number = published["numbers"][k]
+                by_source.setdefault(number["source"], []).append(f"{number['what']}: {number['value']} ({number['where']})")
+            pub = [f"{'; '.join(items)} ({published['sources'][source]})" for source, items in by_source.items()]
             entries.append({"section": section, "path": str(path), "shows": shows, "mirrors": mirrors,
                             "measured": measured(metrics[stage]), "published": pub, "scale": SCALE if pub else "",
                             "made_by": f"stage `{stage}`, notebook `notebooks/{NOTEBOOKS[stage]}.ipynb`"})
     return entries
 
 
+def _sentence(text: str) -> str:
+    """``text`` ending in exactly one full stop (markdown emphasis characters escaped)."""
+    text = re.sub(r"([*_])", r"\\\1", text.strip())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def caption(entry: dict) -> str:
+    """A figure's caption as markdown: what it shows (bold), what it mirrors, the number measured
+    here, the published one with the difference of scale, and the stage that made it."""
+    parts = [f"**{_sentence(entry['shows'])}**", _sentence(f"Mirrors: {entry['mirrors']}")]
+    if entry["measured"]:
+        parts.append(_sentence(f"Measured here: {entry['measured']}"))
+    if entry["published"]:
+        parts += [_sentence("Published: " + "; ".join(entry["published"])), _sentence(entry["scale"])]
+    parts.append(_sentence(f"Made by {entry['made_by']}"))
+    return " ".join(parts)
+
+
+def alt_text(entry: dict) -> str:
+    """A figure's alternative text: what it shows and what was measured, as plain text."""
+    return " ".join(x for x in (entry["shows"], entry["measured"]) if x)
+
+
+def figure_html(path, alt: str) -> str:
+    """An ``<img>`` with the PNG at ``path`` embedded and ``alt`` as its alternative text."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt, quote=True)}">'
+
+
 def headline_metrics(reports_dir, params: dict) -> list[dict]:
     """The summary table: every headline metric with its value and the params that produced it."""
-    m = load_metrics(reports_dir)
+    m = load_results(reports_dir)
     p, rows = params, []
     profile = f"{p['data']['dataset']}, {p['model']['name']}"
     if "fit_datamodels" in m:
@@ -187,7 +214,7 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
                   "params": f"{p['evaluation']['num_masks']} masks x {p['evaluation']['repeats']} seeds"}]
     if "attribution_comparison" in m:
         a = m["attribution_comparison"]
-        best = _best(a, "trak")
+        best = best_record(a, "trak")
         rows += [{"metric": "TRAK LDS, best", "value": f"{best['lds']:.3f}", "params": f"k = {best['proj_dim']}, M = {best['models_used']}"},
                  {"metric": "datamodels overtake TRAK's best from", "value": f"{a['datamodels_overtake_trak'].get('models', 'never')} models",
                   "params": f"selection models charged: {a['selection_models']}"}]
@@ -200,7 +227,7 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
     if "unlearning" in m:
         u = m["unlearning"]
         rows += [{"metric": "unlearning: forget-set KLoM p95 (OM / DMM / DM-direct / do nothing / floor)",
-                  "value": " / ".join(f"{_mean_p95(u, k):.2f}" for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")),
+                  "value": " / ".join(f"{mean_p95(u, k):.2f}" for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")),
                   "params": f"N = {u['num_models']} models, {len(u['verdict'])} reported forget sets, {u['direction']}"}]
     return rows
 
@@ -208,20 +235,20 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
 def headline_values(reports_dir) -> dict[str, float]:
     """The headline metrics as one flat dict of numbers (``reports/report/headline.json``): what
     ``dvc exp show`` puts side by side for experiments."""
-    m, out = load_metrics(reports_dir), {}
+    m, out = load_results(reports_dir), {}
     if "fit_datamodels" in m:
         out.update(datamodels_lds=m["fit_datamodels"]["lds_mean"], datamodels_lds_single=m["fit_datamodels"]["lds_single"])
     if "eval_models" in m and "seed_agreement" in m["eval_models"]:
         out["seed_agreement"] = m["eval_models"]["seed_agreement"]
     if "attribution_comparison" in m:
         a = m["attribution_comparison"]
-        out.update(trak_lds_best=_best(a, "trak")["lds"], datamodels_lds_best=_best(a, "datamodels")["lds"])
+        out.update(trak_lds_best=best_record(a, "trak")["lds"], datamodels_lds_best=best_record(a, "datamodels")["lds"])
     if "modeldiff" in m:
         d = m["modeldiff"]
         out["modeldiff_planted_auroc"] = d["planted"]["recovery_by_direction"][d["planted"]["best_direction"] - 1]["auroc"]
         out["modeldiff_control_ratio"] = d["control"]["largest_variance_ratio"]
     if "unlearning" in m:
-        out.update({f"unlearning_forget_klom_{k}": _mean_p95(m["unlearning"], k) for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")})
+        out.update({f"unlearning_forget_klom_{k}": mean_p95(m["unlearning"], k) for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")})
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
@@ -262,6 +289,8 @@ def render_html(notebook_path, html_path, title: str = "datalens report") -> Pat
     nb = nbformat.read(str(notebook_path), as_version=4)
     exporter = HTMLExporter(template_name="basic", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True, exclude_anchor_links=True)
+    # the notebook's own introduction (what it reads, how long it takes) is for the notebook, not the page
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_cell_tags={NOTEBOOK_ONLY}, enabled=True), enabled=True)
     body, _ = exporter.from_notebook_node(nb)
     remote = re.findall(r'(?:src|href)="(https?:[^"]+)"', body)
     if remote:

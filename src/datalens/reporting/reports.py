@@ -1,9 +1,17 @@
-"""Figures and metrics of finished stages, drawn from stores and results (never inside a method)."""
+"""Figures and metrics of finished stages, drawn from stores and results (never inside a method).
+
+Each stage writes two files (:func:`write_results`): ``results.json``, everything it measured
+(what the report and the README read), and ``metrics.json``, its headline numbers, a flat mapping
+of a few dozen scalars at most (what ``dvc metrics show`` and ``dvc exp show`` put side by side).
+"""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
+from IPython.display import Image, Markdown, display
 
 from datalens.reporting import plots
 from datalens.core.store import SubsetStore
@@ -38,3 +46,89 @@ def report_subset_run(store: SubsetStore, fig_dir) -> dict:
         "n_train": int(masks.shape[1]),
         "n_test": int(test.shape[1]),
     }
+
+
+def best_record(m: dict, method: str, **match) -> dict:
+    """The record of ``method`` (matching ``match``) with the highest LDS in stage 05's results."""
+    recs = [r for r in m["records"] if r["method"] == method and all(r.get(k) == v for k, v in match.items())]
+    return max(recs, key=lambda r: r["lds"])
+
+
+def mean_p95(m: dict, method: str, split: str = "forget") -> float:
+    """Mean over the reported forget sets of a method's 95th-percentile KLoM on ``split`` at its chosen setting."""
+    vals = [r[f"{split}_p95"] for r in m["table"] if r["method"].split(" ")[0] == method]
+    return sum(vals) / len(vals)
+
+
+UNLEARNING_METHODS = ("floor", "do_nothing", "gd", "ga", "ascent_descent", "scrub", "om", "dmm", "dm_direct")
+
+
+def _scalars(r: dict) -> dict:
+    return {k: v for k, v in r.items() if isinstance(v, (int, float, bool)) and not isinstance(v, str)}
+
+
+def _counterfactuals(r: dict) -> dict:
+    b = r["brittleness"]
+    k = list(b["fraction_flipped_predicted"])[-1]
+    return {**{f"pearson_{kind}": v["pearson"] for kind, v in r["agreement"].items()},
+            f"flipped_predicted_k{k}": b["fraction_flipped_predicted"][k], f"flipped_confirmed_k{k}": b["fraction_flipped_confirmed"][k]}
+
+
+def _attribution(r: dict) -> dict:
+    over = r["datamodels_overtake_trak"]
+    return {**_scalars(r), **{f"best_lds_{m}": v for m, v in r["best_lds"].items()},
+            "datamodels_overtake_trak_at_models": over.get("models", -1)}
+
+
+def _modeldiff(r: dict) -> dict:
+    planted = r["planted"]["recovery_by_direction"][r["planted"]["best_direction"] - 1]
+    nat = r["natural"]["intervention"]
+    return {**{f"accuracy_{k}": v for k, v in r["accuracy"].items()}, "planted_auroc": planted["auroc"],
+            "planted_precision": planted["precision_at_planted"], "control_largest_variance_ratio": r["control"]["largest_variance_ratio"],
+            "natural_b_over_a_contrasted": nat["b_over_a_contrasted"], "natural_b_over_a_other": nat["b_over_a_other"]}
+
+
+def _modeldiff_train(r: dict) -> dict:
+    return {f"{name}_{k}": v for name, run in r.items() for k, v in _scalars(run).items()}
+
+
+def _unlearning(r: dict) -> dict:
+    return {"num_models": r["num_models"], **{f"forget_klom_p95_{m}": mean_p95(r, m) for m in UNLEARNING_METHODS},
+            **{f"retain_klom_p95_{m}": mean_p95(r, m, "retain") for m in ("floor", "do_nothing", "om", "dmm", "dm_direct")},
+            "diverged_models": sum(int(row.get("diverged_models", 0)) for row in r["table"])}
+
+
+HEADLINES = {"train_subsets": _scalars, "eval_models": _scalars, "fit_datamodels": _scalars, "counterfactuals": _counterfactuals,
+             "attribution_comparison": _attribution, "modeldiff_train": _modeldiff_train, "modeldiff": _modeldiff,
+             "unlearning": _unlearning}
+
+
+def headline(stage: str, results: dict) -> dict[str, float | int | bool]:
+    """A stage's headline numbers: flat, scalars only, rounded to 4 significant digits."""
+    def rounded(v):
+        return v if isinstance(v, (bool, int)) or not math.isfinite(v) else float(f"{v:.4g}")
+    return {k: rounded(v) for k, v in HEADLINES[stage](results).items()}
+
+
+def write_results(out_dir, stage: str, results: dict) -> dict:
+    """Write ``results.json`` (everything) and ``metrics.json`` (the headline) into ``out_dir``;
+    returns the headline, for the notebook to show."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    top = headline(stage, results)
+    (out_dir / "metrics.json").write_text(json.dumps(top, indent=1))
+    return top
+
+
+def show_stage(out_dir, top: dict, root) -> None:
+    """In the stage's notebook: its headline numbers as a table, then every figure it drew, each
+    under its path relative to the repo (so the executed notebook shows what the stage made)."""
+    out_dir, root = Path(out_dir).resolve(), Path(root).resolve()
+    rel = out_dir.relative_to(root) if out_dir.is_relative_to(root) else out_dir
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in top.items())
+    display(Markdown(f"**Headline numbers** (`{rel}/metrics.json`; everything in `{rel}/results.json`)\n\n"
+                     f"| metric | value |\n|---|---|\n{rows}"))
+    for png in sorted((out_dir / "figures").glob("*.png")):
+        display(Markdown(f"`{rel}/figures/{png.name}`"))
+        display(Image(filename=str(png)))

@@ -25,7 +25,7 @@ from datalens.tasks.base import Task
 from datalens.tasks.classification import ClassificationTask
 from datalens.core.progress import progress_bar
 from datalens.core.sampling import model_seed, subset_masks
-from datalens.core.store import SubsetStore, open_existing
+from datalens.core.store import SubsetStore, located, open_existing
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class SubsetRun:
     alpha: float
     seed: int
     num_models: int
-    block_size: int
-    store: str
+    block_size: int  # of a new store; an existing one keeps its own (storage layout, not identity)
+    store: str  # the store param: a folder of stores by identity, or one explicit .zarr store (see ``location``)
     num_checkpoints: int = 0
     device: str = "auto"
     stream: str = "train"
@@ -100,12 +100,22 @@ class SubsetRun:
             **{k: v for k, v in optional.items() if v},  # absent when unused, so older stores stay valid
         }
 
+    @property
+    def location(self) -> str:
+        """Where this run's store is: ``<store>/<identity hash>.zarr``, or ``store`` itself when it
+        ends in ``.zarr`` (:func:`datalens.core.store.located`)."""
+        return located(self.store, self.identity())
+
     def mask_indices(self, start: int, stop: int) -> np.ndarray:
         return np.arange(start, stop) // self.repeats
 
     def model_seeds(self, start: int, stop: int) -> list[int]:
         return [model_seed(self.seed, j // self.repeats, j % self.repeats + self.repeat_offset, self.stream)
                 for j in range(start, stop)]
+
+    def open_store(self, mode: str = "r") -> SubsetStore:
+        """This run's store, seen as its first ``num_models`` models."""
+        return open_existing(self.location, mode, num_units=self.num_models)
 
     def dataset_(self) -> Dataset:
         return cached_dataset(self.dataset, self.data_root, self.patch, self.blank, self.repo)
@@ -176,7 +186,7 @@ def train_range(run: SubsetRun, start: int, stop: int) -> dict[str, np.ndarray |
 
 def train_block(run: SubsetRun, block: int) -> dict:
     """Train one block of ``run`` and write it to the run's store. Returns a small summary."""
-    store = open_existing(run.store, mode="r+")
+    store = run.open_store("r+")
     store.check_identity(run.identity())
     start, stop = store.block_range(block)
     out = train_range(run, start, stop)
@@ -190,7 +200,7 @@ def prepare_store(run: SubsetRun) -> SubsetStore:
     """Create or reopen ``run``'s store (checking its params) before any training starts."""
     ds = run.dataset_()
     num_params = sum(v.numel() for v in run.build_model().state_dict().values()) if run.num_checkpoints else 0
-    return SubsetStore.create_or_open(run.store, run.identity(), run.num_models, ds.n_train, ds.n_test, run.block_size,
+    return SubsetStore.create_or_open(run.location, run.identity(), run.num_models, ds.n_train, ds.n_test, run.block_size,
                                       run.num_checkpoints, num_params, raw_width(run) if run.record_logits else 0)
 
 
@@ -200,6 +210,14 @@ def raw_width(run: SubsetRun) -> int:
     x, y, _, _ = ds.tensors()
     with torch.no_grad():
         return int(run.make_task().forward(run.build_model().eval(), x[:1], y[:1]).reshape(-1).numel())
+
+
+def eval_run(p: dict) -> SubsetRun:
+    """The held-out evaluation run (``evaluation.*``): ``repeats`` models per fresh mask, on its
+    own stream and seed, no checkpoints."""
+    ev = p["evaluation"]
+    return SubsetRun.from_params(p, store=ev["store"], num_models=ev["num_masks"] * ev["repeats"], seed=ev["seed"],
+                                 stream="eval", repeats=ev["repeats"], num_checkpoints=0)
 
 
 def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
