@@ -145,7 +145,7 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     text = html.read_text()
     first_heading = re.search(r"<h[1-6][^>]*>(.*?)</h[1-6]>", text, re.S).group(1)
     assert first_heading.startswith("datalens") and "Params read" not in text  # the page opens on its title, not the notebook's intro
-    assert "No description has been provided" not in text and 'alt="Test accuracy of every subset model' in text
+    assert "No description has been provided" not in text and 'alt="Test accuracy of every subset model (alpha = 0.5). Measured here: ' in text
     captions = re.findall(r"<p>(<strong>.*?)</p>", text, re.S)
     assert captions and not [c for c in captions if ".." in c or "(<em>" in c or c.count("Park et al.") > 1], captions
     page = open_offline(html, tmp_path / "report.png")

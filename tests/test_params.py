@@ -69,7 +69,6 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     ({"modeldiff.trak_models": 51}, ["modeldiff.trak_models", "modeldiff.num_checkpoints"]),
     ({"unlearning.om_oracles": 101}, ["unlearning.om_oracles", "unlearning.num_models"]),
     ({"counterfactuals.ks": [5, 2000]}, ["counterfactuals.ks", "data.dataset"]),
-    ({"unlearning.lasso_targets": 451}, ["unlearning.lasso_targets", "data.dataset"]),
     ({"modeldiff.patch": {"label": 0, "count": 2000, "test_count": 300, "size": 2, "row": 0, "col": 0, "value": 3.0, "seed": 0}},
      ["modeldiff.patch", "data.dataset"]),
     ({"unlearning.forget_sets": [{"name": "all", "kind": "random", "size": 1797},

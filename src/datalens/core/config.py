@@ -431,8 +431,6 @@ class ParamRules(BaseModel):
                    "unlearning.om_oracles must be <= unlearning.num_models (OM averages that many of the independent oracles)")
         self._rule(info, ("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < self._sizes(info)(d)[0] for s in sets),
                    "every forget set must be smaller than the training set")
-        self._rule(info, ("unlearning.lasso_targets", "data.dataset"), lambda t, d: t <= self._sizes(info)(d)[1],
-                   "unlearning.lasso_targets must be <= the test set size")
         return self
 
 

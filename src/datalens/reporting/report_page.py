@@ -191,7 +191,8 @@ def caption(entry: dict) -> str:
 
 def alt_text(entry: dict) -> str:
     """A figure's alternative text: what it shows and what was measured, as plain text."""
-    return " ".join(x for x in (entry["shows"], entry["measured"]) if x)
+    measured = f"Measured here: {entry['measured']}" if entry["measured"] else ""
+    return " ".join(x.strip() for x in (entry["shows"], measured) if x)
 
 
 def figure_html(path, alt: str) -> str:
