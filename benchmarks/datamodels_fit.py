@@ -27,9 +27,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import Lasso, lasso_path
 
 from _common import ROOT, write_result
-from datalens.core.config import resolve_location, stage_params
+from datalens.core.config import stage_params
 from datalens.attribution.datamodels import Moments, fit_datamodels, lambda_grid, split_models, store_blocks
-from datalens.core.store import open_existing
+from datalens.training.runs import SubsetRun
 
 
 def standardise(x):
@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     p = stage_params("fit_datamodels", ROOT / "params.yaml")
     d = p["datamodels"]
-    store = open_existing(resolve_location(p, p["train"]["store"]))
+    store = SubsetRun.from_params(p).open_store()  # the store the pipeline's params locate
     done = np.flatnonzero(store.completed())
     tr, va = split_models(len(done), d["val_fraction"], p["train"]["seed"])
     x_tr, y_tr = store.read("masks", done[tr]).astype(np.float64), store.read("test_outputs", done[tr]).astype(np.float64)

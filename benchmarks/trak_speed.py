@@ -30,13 +30,12 @@ from trak import TRAKer  # the reference, imported outside the timed region
 
 from _common import ROOT, write_result
 from datalens.attribution import trak
-from datalens.core.config import resolve_location, stage_params
+from datalens.core.config import stage_params
 from datalens.evaluation.metrics import heldout_arrays, linear_datamodeling_score
 from datalens.tasks.classification import ClassificationTask
 from datalens.tasks.gradients import per_example_gradients
 from datalens.attribution.projection import Projector
-from datalens.training.runs import SubsetRun
-from datalens.core.store import open_existing
+from datalens.training.runs import SubsetRun, eval_run
 
 TASK = ClassificationTask()
 
@@ -73,9 +72,8 @@ def main() -> None:
     p = stage_params("attribution_comparison", ROOT / "params.yaml", {"device": "cpu"})
     run = SubsetRun.from_params(p)
     ds = run.dataset_()
-    store = open_existing(run.store)
-    masks, actual_mean, actual_single = heldout_arrays(open_existing(resolve_location(p, p["evaluation"]["store"])),
-                                                       p["evaluation"]["repeats"])
+    store = run.open_store()
+    masks, actual_mean, actual_single = heldout_arrays(eval_run(p).open_store(), p["evaluation"]["repeats"])
     models = [run.load_checkpoint(store, m) for m in range(args.models)]
     x_tr, y_tr, _, _ = ds.tensors()
     d = sum(q.numel() for q in models[0].parameters())
