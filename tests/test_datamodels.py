@@ -106,14 +106,11 @@ def test_fista_restarts_when_the_objective_rises_and_never_increases_it():
     trace = np.array(info["objective"])
     assert (np.diff(trace) <= 1e-12 * np.abs(trace[:-1])).all()
     # and the answer is the lasso optimum: scikit-learn's coordinate descent on the same objective
-    from scipy.linalg import cholesky
-    chol = cholesky(gram.numpy() + 1e-12 * np.eye(60))  # gram = R^T R, so 1/2 w^T C w - c^T w = 1/2 |R w - b|^2 + const
     for j in range(3):
-        b = np.linalg.solve(chol.T, cross[:, j].numpy())
-        sk = Lasso(alpha=1e-4 / 60, fit_intercept=False, tol=1e-14, max_iter=200000).fit(np.sqrt(60) * chol, np.sqrt(60) * b)
+        ref = _lasso_reference(gram.numpy() + 1e-12 * np.eye(60), cross[:, j].numpy(), 1e-4)
         ours_obj = float(lasso_objective(gram, cross[:, j:j + 1], lam[:1], w[:, j:j + 1])[0])
-        sk_obj = float(lasso_objective(gram, cross[:, j:j + 1], lam[:1], torch.tensor(sk.coef_)[:, None])[0])
-        assert ours_obj <= sk_obj + 1e-9 * abs(sk_obj)
+        sk_obj = float(lasso_objective(gram, cross[:, j:j + 1], lam[:1], torch.tensor(ref)[:, None])[0])
+        assert ours_obj == pytest.approx(sk_obj, rel=1e-8, abs=1e-12)
 
 
 def test_reaching_max_iter_before_tol_warns_with_the_params():
@@ -146,3 +143,44 @@ def test_saved_fits_come_back_with_their_seconds_and_a_missing_count_is_named(tm
     assert back[80][1] == 3.25 and np.array_equal(back[40][0].weight, dm.weight)
     with pytest.raises(FileNotFoundError, match=r"\[60\] models"):
         load_fits(tmp_path / "fits", [40, 60])
+
+
+def _lasso_reference(gram: np.ndarray, cross: np.ndarray, lam: float) -> np.ndarray:
+    """scikit-learn's coordinate descent on 1/2 w^T C w - c^T w + lam |w|_1: with C = R^T R and
+    R^T b = c, that is 1/(2n) |sqrt(n) b - sqrt(n) R w|^2 + lam |w|_1 up to a constant."""
+    from scipy.linalg import cholesky
+    n = len(gram)
+    chol = cholesky(gram)
+    b = np.linalg.solve(chol.T, cross)
+    return Lasso(alpha=lam, fit_intercept=False, tol=1e-15, max_iter=500000).fit(np.sqrt(n) * chol, np.sqrt(n) * b).coef_
+
+
+def test_a_short_lipschitz_estimate_is_raised_and_the_optimum_still_reached():
+    # the power iteration starts from the ones vector; every row of this integer matrix sums to 2,
+    # so it stays exactly there and estimates 2, while the top eigenvalue, 8, lies on (1, -1, 0, ...):
+    # steps of 1/2.02 more than double the error along it
+    rng = np.random.default_rng(0)
+    n = 6
+    gram = 2.0 * np.eye(n)
+    gram[:2, :2] = [[5.0, -3.0], [-3.0, 5.0]]
+    cross = gram @ rng.normal(size=n)
+    from datalens.attribution.datamodels import _lipschitz
+    assert _lipschitz(torch.tensor(gram)) < 4.0  # the estimate falls short of 8 by more than half
+    w, info = lasso_fista(torch.tensor(gram), torch.tensor(cross[:, None]), torch.tensor([0.05]), max_iter=20000, tol=1e-13,
+                          return_info=True)
+    assert info["converged"] and info["lipschitz"] >= 8.0
+    np.testing.assert_allclose(w[:, 0].numpy(), _lasso_reference(gram, cross, 0.05), atol=1e-8)
+
+
+def test_each_target_stops_on_its_own_scale():
+    # one target's weights are 1e4 times smaller than the other's: a stop judged on the largest
+    # weight of all would leave the small one far from its optimum
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    gram = torch.tensor(q @ np.diag(np.geomspace(1.0, 1e-2, 40)) @ q.T)
+    cross = gram @ torch.tensor(rng.normal(size=(40, 2)) * [1.0, 1e-4])
+    lam = torch.tensor([1e-4, 1e-8], dtype=torch.float64)
+    w = lasso_fista(gram, cross, lam, max_iter=100000, tol=1e-6).numpy()
+    for j in range(2):
+        ref = _lasso_reference(gram.numpy(), cross[:, j].numpy(), float(lam[j]))
+        assert np.abs(w[:, j] - ref).max() <= 1e-3 * np.abs(ref).max()

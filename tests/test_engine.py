@@ -163,3 +163,13 @@ def test_the_triangular_schedule_rises_to_the_peak_then_falls_to_zero(digits, mo
         np.testing.assert_allclose(used, 0.1 * closed, rtol=1e-12)
         if schedule == "triangular":
             assert max(used) == pytest.approx(0.1) and used[0] < 0.1 / 2 and used[-1] < 0.1 / 2
+
+
+def test_tracin_weights_each_snapshot_by_the_learning_rate_of_its_interval():
+    from datalens.training.engine import interval_lrs
+    tri = TrainSettings(epochs=10, lr=0.5, schedule="triangular", peak_epoch=5)
+    # one step per epoch: factors 0.2 0.4 0.6 0.8 1.0 rising, then 1.0 0.8 0.6 0.4 0.2 (closed form of the schedule)
+    assert interval_lrs(tri, [2, 10], 1) == pytest.approx([0.5 * 0.6, 0.5 * 5.4])
+    assert interval_lrs(tri, [5, 10], 2) == pytest.approx([0.5 * 5.5, 0.5 * 5.5])  # 10 steps up, 10 down
+    const = TrainSettings(epochs=100, lr=0.01, schedule="constant")
+    assert interval_lrs(const, [25, 50, 75, 100], 3) == pytest.approx([0.01 * 75] * 4)

@@ -147,3 +147,64 @@ def test_a_blanked_algorithm_cannot_react_to_the_patch(tmp_path):
     assert effects["blanked"]["probability_change"]["mean"] == 0.0
     assert abs(effects["sees"]["probability_change"]["mean"]) > 0
     assert effects["sees"]["probability_change"]["models"] == 3
+
+
+def _numpy_largest_ratio(a, b, k):
+    """ModelDiff's largest variance ratio written again in numpy (SVD, not the Gram eigenvectors)."""
+    def unit(m):
+        r = m.T
+        return r / np.linalg.norm(r, axis=1, keepdims=True)
+
+    def share(m, v):
+        m = unit(m) - unit(m).mean(0)
+        return ((m @ v.T) ** 2).sum(0) / (m * m).sum()
+
+    ratios = []
+    for first, second in ((a, b), (b, a)):
+        ua, ub = unit(first), unit(second)
+        res = ua - (ua * ub).sum(1, keepdims=True) * ub
+        v = np.linalg.svd(res - res.mean(0), full_matrices=False)[2][:k]
+        r = share(a, v) / share(b, v)
+        ratios += [r, 1 / r]
+    return np.concatenate(ratios).max()
+
+
+def _planted_difference(seed, strength):
+    a, rng = _shared(seed=seed)
+    n, t = a.shape
+    planted = np.zeros(n)
+    planted[rng.choice(n, 8, replace=False)] = 1.0
+    b = a + 0.3 * rng.normal(size=a.shape)  # a noisy estimator of the same attributions
+    b = b + strength * np.outer(planted, (rng.random(t) < 0.5) * rng.uniform(0.5, 1.5, t))
+    return a + 0.3 * rng.normal(size=a.shape), b, planted
+
+
+def test_the_swap_null_is_modeldiff_on_swapped_targets():
+    from datalens.applications.modeldiff import largest_variance_ratio, swap_null
+    a, b, _ = _planted_difference(4, 4.0)
+    null = swap_null(a, b, 3, 2, seed=7)
+    swap = np.random.default_rng([7, 29]).random(a.shape[1]) < 0.5  # the draw swap_null makes first
+    assert null[0] == pytest.approx(_numpy_largest_ratio(np.where(swap, b, a), np.where(swap, a, b), 3), rel=1e-9)
+    assert largest_variance_ratio(*model_diff(a, b, 3)) == pytest.approx(_numpy_largest_ratio(a, b, 3), rel=1e-9)
+
+
+def test_a_planted_difference_is_significant_and_the_same_algorithm_is_not():
+    from datalens.applications.modeldiff import largest_variance_ratio, permutation_p_value, swap_null
+    for seed in range(3):
+        a, b, _ = _planted_difference(seed, 4.0)
+        observed = largest_variance_ratio(*model_diff(a, b, 3))
+        assert permutation_p_value(observed, swap_null(a, b, 3, 99, seed)) == 0.01  # above every one of 99 swaps
+        a, b, _ = _planted_difference(seed, 0.0)  # the same attributions estimated twice, noisily
+        observed = largest_variance_ratio(*model_diff(a, b, 3))
+        assert observed > 1.2 and permutation_p_value(observed, swap_null(a, b, 3, 99, seed)) > 0.05  # noise, not a feature
+
+
+def test_the_planted_direction_is_chosen_without_the_planted_labels():
+    from types import SimpleNamespace
+    from datalens.applications.modeldiff_analysis import planted_case
+    a, b, planted = _planted_difference(5, 4.0)
+    truth = np.flatnonzero(planted)
+    fake = np.setdiff1d(np.arange(len(planted)), truth)[:8]  # other labels: the choice must not move
+    results = [planted_case(a, b, SimpleNamespace(planted=lab, planted_test=np.arange(3)), 3, 9, 0)[0] for lab in (truth, fake)]
+    assert results[0]["chosen_direction"] == results[1]["chosen_direction"] == 1
+    assert results[0]["auroc"] > 0.99 and results[1]["auroc"] < 0.9  # and what is reported is that direction's recovery

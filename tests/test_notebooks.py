@@ -5,23 +5,30 @@ import json
 import re
 import struct
 import subprocess
+import warnings
 
+import numpy as np
 import papermill as pm
+import pytest
 import yaml
+import zarr
+from scipy import stats
 
 from browser import open_offline
 from datalens.reporting import plots, reports
 from datalens.reporting.report_page import render_html
+from datalens.training import runs
 
 COMMON = {"device": "cpu", "model.hidden": [16], "train.epochs": 5, "train.stack_size": 8}
 TRAIN = {"train.num_models": 80, "train.block_size": 40, "train.num_checkpoints": 4}
+EVAL = {"evaluation.num_masks": 12, "evaluation.repeats": 2}  # what stage 02 trains, for every stage that reads it
 TINY = {  # the pipeline in order; each stage reads what the one before wrote
     "01_train_subsets": {**COMMON, **TRAIN},
-    "02_eval_models": {**COMMON, "evaluation.num_masks": 12, "evaluation.repeats": 2, "train.block_size": 12},
-    "03_fit_datamodels": {"datamodels.model_counts": [60], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20},
+    "02_eval_models": {**COMMON, **EVAL, "train.block_size": 12},
+    "03_fit_datamodels": {**COMMON, **TRAIN, **EVAL, "datamodels.model_counts": [60], "datamodels.num_lambdas": 6, "datamodels.max_iter": 20},
     "04_counterfactuals": {**COMMON, "counterfactuals.num_targets": 2, "counterfactuals.ks": [2, 4], "counterfactuals.num_retrains": 1},
     "05_attribution_comparison": {
-        **COMMON, **TRAIN, "datamodels.model_counts": [60],
+        **COMMON, **TRAIN, **EVAL, "datamodels.model_counts": [60],
         "trak.num_models": [1, 2], "trak.proj_dims": [16, 32], "trak.ridge_grid": [0.1, 1.0], "attribution.selection_models": 20,
         "attribution.ensemble_sizes": [1, 2], "attribution.dampings": [1.0, 10.0], "attribution.tracin_epochs": [2, 5],
         "attribution.ekfac_dampings": [0.01, 1.0],
@@ -33,7 +40,7 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
 TINY["06_modeldiff"] = {**TINY["06_modeldiff_train"], "modeldiff.num_components": 2, "modeldiff.blend_intensities": [0.2],
                         "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
 TINY["07_unlearning"] = {
-    **COMMON, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1,
+    **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1,
     "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
                                {"name": "sel_r", "kind": "random", "size": 4, "select": True},
                                {"name": "sel_pc2", "kind": "component", "component": 2, "size": 4, "select": True}],
@@ -87,15 +94,35 @@ def _run(root, tmp_path, name, overrides, extra=None):
 
 
 def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
-    extra = {"datamodels_path": str(tmp_path / "datamodels.npz")}
+    extra = {"datamodels_path": str(tmp_path / "datamodels.npz"), "correct_class_path": str(tmp_path / "datamodels_correct_class.npz")}
     m1 = _run(root, tmp_path, "01_train_subsets", TINY["01_train_subsets"])
     assert m1["num_models"] == 80 and m1["test_accuracy_mean"] > 0.3  # 10 classes: chance is 0.1
     m2 = _run(root, tmp_path, "02_eval_models", TINY["02_eval_models"])
-    assert m2["num_models"] == 24 and -1 <= m2["seed_agreement"] <= 1
+    # the stage's numbers against scipy on the store it wrote
+    ev = zarr.open_group(str(tmp_path / "eval.zarr"), mode="r")
+    margins = np.asarray(ev["test_outputs"]).reshape(12, 2, -1)
+    agreement = np.mean([stats.pearsonr(margins[:, 0, j], margins[:, 1, j])[0] for j in range(margins.shape[2])])
+    assert m2["num_models"] == 24 and m2["seed_agreement"] == pytest.approx(agreement, rel=1e-9)
     fits = {"fits_dir": str(tmp_path / "datamodels_by_count")}
     m3 = _run(root, tmp_path, "03_fit_datamodels", TINY["03_fit_datamodels"], {**extra, **fits})
     assert m3["num_models"] == 80 and set(m3["growth"]) == {"60", "80"}
-    assert -1 <= m3["lds_mean"] <= 1 and m3["mean_nonzero_weights"] >= 0
+    with np.load(tmp_path / "datamodels.npz") as dm:
+        masks = np.asarray(ev["masks"])[::2].astype(float)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():  # a constant prediction scores 0 (metrics' convention)
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            lds = np.mean([np.nan_to_num(stats.spearmanr(masks @ dm["weight"][:, j], margins[:, :, j].mean(1))[0])
+                           for j in range(margins.shape[2])])
+        assert m3["lds_mean"] == pytest.approx(lds, rel=1e-9)
+        assert m3["mean_nonzero_weights"] == pytest.approx((dm["weight"] != 0).sum(0).mean())
+    # the correct-class datamodels are fit to logit_y - max other logit of the stored logits: their
+    # prediction at the mean mask is (the intercept's definition) the mean of that margin over the models
+    tr = zarr.open_group(str(tmp_path / "train.zarr"), mode="r")
+    logits, y = np.asarray(tr["test_logits"]).astype(np.float64), np.asarray(runs.cached_dataset("digits", "data").y_test)
+    own = np.take_along_axis(logits, np.broadcast_to(y[None, :, None], logits.shape[:2] + (1,)), -1)[..., 0]
+    others = np.where(np.arange(logits.shape[2]) == y[:, None], -np.inf, logits).max(-1)
+    with np.load(tmp_path / "datamodels_correct_class.npz") as cc:
+        mean_prediction = np.asarray(tr["masks"]).mean(0) @ cc["weight"] + cc["bias"]
+        np.testing.assert_allclose(mean_prediction, (own - others).mean(0), rtol=1e-6, atol=1e-6)
     m4 = _run(root, tmp_path, "04_counterfactuals", TINY["04_counterfactuals"], extra)
     assert set(m4["brittleness"]["fraction_flipped_predicted"]) == set(m4["brittleness"]["fraction_flipped_confirmed"]) == {"2", "4"}
     assert set(m4["agreement"]) == {"pooled", "top_positive", "top_negative", "random"}
@@ -104,7 +131,13 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert methods >= {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "representation_similarity",
                        "influence_explicit", "tracin", "ekfac_influence"}  # influence_cg drops out only if every damping is indefinite
     assert len([r for r in m5["records"] if r["method"] == "trak"]) == 4  # every (M, k)
-    assert all(-1 <= r["lds"] <= 1 and r["seconds"] > 0 for r in m5["records"])
+    assert all(r["seconds"] > 0 for r in m5["records"])
+    for r in (r for r in m5["records"] if r["method"] == "datamodels"):  # the LDS of stage 03's fits, by scipy
+        with np.load(tmp_path / "datamodels_by_count" / f"{r['models_used']}.npz") as dm, warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            lds = np.mean([np.nan_to_num(stats.spearmanr(masks @ dm["weight"][:, j], margins[:, :, j].mean(1))[0])
+                           for j in range(margins.shape[2])])
+        assert r["lds"] == pytest.approx(lds, rel=1e-9)
     # every method that chooses a hyperparameter on the 20 validation models is charged for them
     for r in m5["records"]:
         assert r["models"] == r["models_used"] + (20 if r["selects_on_validation"] else 0), r
@@ -115,11 +148,25 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert m6["natural_a"]["store"] == f"file://{tmp_path}/train.zarr"  # the base run's store is reused (a URL is shown as it is)
     assert all(m6[n]["models"] == 40 for n in ("planted_a", "planted_b", "natural_b", "control"))
     m7 = _run(root, tmp_path, "06_modeldiff", TINY["06_modeldiff"])
-    assert len(m7["planted"]["recovery_by_direction"]) == 2 and m7["control"]["largest_variance_ratio"] >= 1
+    planted = m7["planted"]  # the direction is the one B explains most relative to A, and its recovery is what is reported
+    assert len(planted["recovery_by_direction"]) == 2
+    assert planted["chosen_direction"] == 1 + int(np.argmax(np.divide(planted["variance_b"], planted["variance_a"])))
+    assert planted["auroc"] == planted["recovery_by_direction"][planted["chosen_direction"] - 1]["auroc"]
+    for case in ("planted", "control", "natural"):  # a p-value of a permutation test with 100 swaps: (1 + count) / 101
+        null = m7[case]["null"]
+        assert null["permutations"] == 100 and round(null["p_value"] * 101, 9) == int(round(null["p_value"] * 101))
+    assert m7["control"]["null"]["largest_variance_ratio"] == m7["control"]["largest_variance_ratio"]
     effect_a = m7["planted"]["intervention"]["planted_a"]
     assert [e["intensity"] for e in effect_a] == [0.25, 0.5, 1.0]
     assert all(abs(e["probability_change"]["mean"]) < 1e-6 for e in effect_a)  # A's preprocessing blanks the patch
     m8 = _run(root, tmp_path, "07_unlearning", TINY["07_unlearning"])
+    # the floor on the test examples, from the oracle store alone: its first 5 models are the evaluated
+    # oracles, the next 5 the independent ones; KLoM by scipy's entropy of floored histograms
+    from test_unlearning import _reference_klom
+    oracles = zarr.open_group(str(next((tmp_path / "unlearning" / "oracles_r4").glob("*.zarr"))), mode="r")
+    test_margins = np.asarray(oracles["test_outputs"])[:10].astype(np.float64)
+    floor = next(r for r in m8["table"] if r["set"] == "r4" and r["method"].startswith("floor"))
+    assert floor["validation_p95"] == pytest.approx(np.percentile(_reference_klom(test_margins[5:], test_margins[:5]), 95), rel=1e-9)
     assert set(m8["verdict"]) == {"r4", "pc1"} and set(m8["select_sets"]) == {"sel_r", "sel_pc2"}  # select sets are not reported
     assert set(m8["selection"]) == {"random", "component"}
     rows = {r["method"].split(" ")[0] for r in m8["table"]}

@@ -31,8 +31,8 @@ def test_the_cifar_profile_runs_end_to_end_on_tiny_cifar_data(root, tmp_path):
                                           {"name": "s", "kind": "random", "size": 3, "select": True},
                                           {"name": "spc", "kind": "component", "component": 2, "size": 3, "select": True}],
                "datamodels.num_lambdas": 5, "datamodels.max_iter": 20}
-    no_count = {k: v for k, v in common.items() if k not in ("train.num_models", "train.num_checkpoints")}  # not its params
-    runs = [("01_train_subsets", common), ("07_unlearning", {**no_count, **unlearn}), ("06_modeldiff_train", {**common, **MODELDIFF}),
+    runs = [("01_train_subsets", common), ("07_unlearning", {**common, **unlearn}),  # 07 reads the base run's store
+            ("06_modeldiff_train", {**common, **MODELDIFF}),
             ("06_modeldiff", {**common, **MODELDIFF, "modeldiff.num_components": 2, "datamodels.num_lambdas": 5,
                               "datamodels.max_iter": 20})]
     for name, overrides in runs:

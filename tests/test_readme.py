@@ -29,8 +29,8 @@ def claims(m: dict) -> list[str]:
     t512, t2048 = _trak(a, 512), _trak(a, 2048)
     over = a["datamodels_overtake_trak"]
     pl = d["planted"]
-    rec = pl["recovery_by_direction"][pl["best_direction"] - 1]
-    va, vb = pl["variance_a"][pl["best_direction"] - 1], pl["variance_b"][pl["best_direction"] - 1]
+    rec = pl
+    va, vb = pl["variance_a"][pl["chosen_direction"] - 1], pl["variance_b"][pl["chosen_direction"] - 1]
     effects = pl["intervention"]["planted_b"]
     nat = d["natural"]
     return [
@@ -65,6 +65,8 @@ def claims(m: dict) -> list[str]:
         " / ".join(f"[{x['probability_change']['low']:.3f}, {x['probability_change']['high']:.3f}]" for x in effects),
         "{mean:.2f} [{low:.2f}, {high:.2f}] at full strength".format(**effects[-1]["margin_change"]),
         f"largest variance ratio is {d['control']['largest_variance_ratio']:.2f}",
+        *(f"{case} p = {d[case]['null']['p_value']:.2f} (null 95th percentile {d[case]['null']['null_p95']:.2f})"
+          for case in ("planted", "control", "natural")),
         f"(ratio {1 / nat['inferred']['variance_ratio']:.2f}, barely above the control)",
         "contrasts training {}s with {}s".format(*nat["inferred"]["contrasts_classes"]),
         f"{nat['intervention']['b_over_a_contrasted']:.2f} times as much", f"against {nat['intervention']['b_over_a_other']:.2f} times",
@@ -89,6 +91,7 @@ def unlearning_claims(u: dict) -> list[str]:
     out.append(f"GA's forget accuracy is {acc['ga']:.2f} against the oracles' {acc['oracle']:.2f}")
     best = {kind: c["best"]["dmm"][1] for kind, c in u["selection"].items()}
     out.append(f"the budgets chosen for it are {best['random']:g} and {best['component']:g} epoch-equivalents")
+    out.append("datamodel scale m = " + " and ".join(f"{u['dm_scale'][k]['chosen']:g}" for k in ("random", "component")))
     lc = u["attribution"]["lasso_check"]
     out += [f"Pearson {lc['ridge']['pearson']:.3f} for ridge and {lc['lasso']['pearson']:.3f} for the lasso",
             f"on {lc['targets']} logit targets"]  # the lasso's minutes are wall-clock, left out like every timing

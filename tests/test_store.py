@@ -133,3 +133,11 @@ def test_fewer_models_and_another_block_size_reuse_the_first_models(tmp_path, mo
     store = train_subset_models(more, progress=False)
     assert calls == [3] and store.completed().all() and store.read("test_outputs").shape[0] == 14
     np.testing.assert_array_equal(store.read("test_outputs", slice(0, 12)), whole)
+
+
+def test_reading_more_models_than_the_store_holds_is_refused(tmp_path):
+    run = tiny_run(tmp_path / "s.zarr")  # 12 models
+    train_subset_models(run, progress=False)
+    assert run.open_store().num_models == 12
+    with pytest.raises(StoreError, match=r"holds 12 units, but the params ask for 20; rerun the stage"):
+        tiny_run(tmp_path / "s.zarr", num_models=20).open_store()

@@ -182,3 +182,30 @@ def test_scores_over_the_memory_budget_stream_into_a_store_by_target_blocks(tmp_
     np.testing.assert_array_equal(again.matrix(), stored.matrix())
     assert [a for a, _ in score_blocks(feats, 0.1, 16, only=set(again.missing_blocks()))] == []
     assert [a for a, _ in score_blocks(feats, 0.1, 16, only={1, 4})] == [16, 64]
+
+
+def test_projected_trak_approaches_unprojected_trak_as_k_grows():
+    from datalens.core.data import load_digits
+    torch.manual_seed(0)
+    ds = load_digits()
+    x, y = torch.as_tensor(ds.x_train[:300]).float(), torch.as_tensor(ds.y_train[:300])
+    xs, ys = torch.as_tensor(ds.x_test[:40]).float(), torch.as_tensor(ds.y_test[:40])
+    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 10))  # 310 parameters
+    opt = torch.optim.Adam(model.parameters(), 0.01)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    raw = featurize(TASK, model, x, y, xs, ys, None, seed=0, model_index=0, dtype=torch.float64)
+    lam = 0.1 * float((raw.train ** 2).sum()) / raw.train.shape[1]
+    exact = trak_scores([raw], 0.1)
+    ks = [16, 64, 256, 1024, 4096]
+    projected = featurize(TASK, model, x, y, xs, ys, ks, seed=0, model_index=0, dtype=torch.float64)
+    corr, err = [], []
+    for k in ks:  # each at the unprojected kernel's absolute lambda (ridge is relative to trace / k)
+        f = projected[k]
+        s = trak_scores([f], lam * k / float((f.train ** 2).sum()))
+        corr.append(np.corrcoef(s.ravel(), exact.ravel())[0, 1])
+        err.append(np.abs(s - exact).max() / np.abs(exact).max())
+    assert all(np.diff(corr) > 0) and all(np.diff(err) < 0)  # JL: inner products sharpen as 1/sqrt(k)
+    assert corr[0] < 0.6 and corr[-1] > 0.99 and err[-1] < 0.06

@@ -321,3 +321,49 @@ def test_widening_stops_after_max_extensions_and_says_which_choices_remain_on_an
     _, grids, on_edge = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.01]}, evaluate, select, 2)
     np.testing.assert_allclose(grids["gd"], [1e-5, 1e-4, 1e-3, 1e-2])
     assert on_edge == {"gd": [grids["gd"][0]]} and len(calls) == 3
+
+
+def test_masks_and_logits_of_a_store_with_a_missing_block_are_the_same_models(root, tmp_path):
+    from datalens.training.runs import train_block
+    run = replace(unlearning.base_run(_tiny_unlearning_params(root, tmp_path)), num_models=12, block_size=4, num_checkpoints=0,
+                  alpha=0.5)
+    store = prepare_store(run)
+    for block in (0, 2):  # block 1 never trained: its rows are zeros, not models
+        train_block(run, block)
+    store = run.open_store()
+    done = np.flatnonzero(store.completed())
+    assert list(done) == [0, 1, 2, 3, 8, 9, 10, 11]
+    masks, logits = unlearning_comparison.StoreRows(store, "masks"), unlearning_comparison.StoreRows(store)
+    assert masks.shape[0] == logits.shape[0] == 8
+    sets = np.zeros((2, masks.shape[1]))
+    sets[0, [1, 5, 9]] = sets[1, 20:30] = 1
+    got = datamodels.ridge_set_contributions(masks, logits, sets, ridge=0.3, block=3)  # blocks of rows across the gap
+    direct = np.concatenate([store.read("train_logits", done), store.read("test_logits", done)], axis=1).reshape(8, -1)
+    want = sets @ datamodels.ridge_datamodels(store.read("masks", done), direct, 0.3).weight
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8)
+
+
+def test_the_datamodel_scale_is_chosen_per_kind_on_the_select_sets():
+    # oracles whose logits are the base models' minus 2x (coherent set) or 1x (random set) the attributed
+    # contribution: the scale that makes DM-direct match them is chosen, from the select sets alone
+    rng = np.random.default_rng(0)
+    m, n_train, n_test, c = 30, 40, 10, 4
+    own = torch.as_tensor(rng.normal(size=(m, n_train + n_test, c)))
+    y_all = torch.as_tensor(rng.integers(0, c, n_train + n_test))
+    klom_params = {"bins": 20, "clip": 100.0, "floor": 1e-5, "direction": "unlearned_oracle"}
+
+    def problem(name, kind, true_scale, select):
+        forget = unlearning.ForgetSet(name, kind, tuple(range(5)), select)
+        contribution = rng.normal(size=(n_train + n_test) * c) * 2.0
+        oracle = unlearning.margins(unlearning.predicted_logits(own, true_scale * contribution), y_all)
+        return unlearning_comparison.Problem(forget, oracle, oracle, torch.zeros(1), contribution,
+                                             unlearning.split_indices(n_train, n_test, forget.array), {})
+
+    probs = [problem("sel_pc", "component", 2.0, True), problem("sel_r", "random", 1.0, True),
+             problem("pc", "component", 0.5, False)]  # a reported set that would prefer 0.5: never looked at
+    data = {"y_all": y_all}
+    got = unlearning_comparison.choose_dm_scale(own, data, [p for p in probs if p.forget.select], [0.5, 1.0, 2.0, 3.0], klom_params)
+    assert got["component"]["chosen"] == 2.0 and got["random"]["chosen"] == 1.0
+    assert not got["component"]["on_edge"] and got["component"]["scores"]["2.0"] < got["component"]["scores"]["1.0"]
+    edge = unlearning_comparison.choose_dm_scale(own, data, probs[:1], [0.5, 1.0, 2.0], klom_params)
+    assert edge["component"] == {**edge["component"], "chosen": 2.0, "on_edge": True}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from datalens.attribution import baselines, datamodels
-from datalens.training.engine import init_models, train_models
+from datalens.training.engine import init_models, interval_lrs, resolve_device, train_models
 from datalens.evaluation.metrics import linear_datamodeling_score, select_by_lds
 from datalens.training.runs import SubsetRun
 from datalens.core.store import SubsetStore
@@ -131,13 +131,14 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     """Gradient dot product and cosine and EK-FAC influence (averaged over M checkpoints),
     representation similarity, influence functions (explicit Hessian over the last layer; CG
     over all parameters). Dampings are chosen on validation models. Checkpoint loading is timed."""
-    x_tr, y_tr, x_te, y_te = run.dataset_().tensors()
+    device = resolve_device(run.device)  # the device TRAK is timed on: every method is charged on the same one
+    x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
     task = run.make_task()
     n_max = max(ensemble_sizes)
     load, models = [], []
     for m in range(n_max):
         t0 = time.perf_counter()
-        models.append(run.load_checkpoint(store, m))
+        models.append(run.load_checkpoint(store, m, device))
         load.append(time.perf_counter() - t0)
     for name, fn in (("grad_dot", baselines.grad_dot), ("grad_cosine", baselines.grad_cosine)):
         total, own = 0.0, 0.0
@@ -182,17 +183,19 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
 def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epochs: list[int]) -> None:
     """TracIn over snapshots of one model's training. The model is retrained here only because
     the store keeps final weights; it is charged as one model at the common per-model rate."""
-    x_tr, y_tr, x_te, y_te = run.dataset_().tensors()
+    device = resolve_device(run.device)
+    x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
     seeds, task = run.model_seeds(0, 1), run.make_task()
-    trained = train_models(task, init_models(run.build_model, seeds), x_tr, y_tr, mask[None], seeds, run.settings,
-                           snapshot_epochs=snapshot_epochs)
+    trained = train_models(task, [m.to(device) for m in init_models(run.build_model, seeds)], x_tr, y_tr, mask[None], seeds,
+                           run.settings, snapshot_epochs=snapshot_epochs)
     t0 = time.perf_counter()
     checkpoints = []
     for state in trained.snapshots[0]:
-        m = run.build_model()
+        m = run.build_model().to(device)
         m.load_state_dict(state)
         checkpoints.append(m)
-    scores = baselines.tracin(task, checkpoints, [run.settings.lr] * len(checkpoints), x_tr, y_tr, x_te, y_te)
+    lrs = interval_lrs(run.settings, snapshot_epochs, run.settings.steps_per_epoch(int(mask.sum())))  # under the schedule
+    scores = baselines.tracin(task, checkpoints, lrs, x_tr, y_tr, x_te, y_te)
     cmp.add("tracin", 1, time.perf_counter() - t0, scores, False, checkpoints=len(checkpoints))
 
 

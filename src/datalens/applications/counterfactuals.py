@@ -60,7 +60,12 @@ def support_size(base_margin: np.ndarray, weight: np.ndarray, max_k: int) -> np.
     """Predicted data support (T,): the smallest k such that removing the target's k most
     positively weighted examples is predicted to flip a correct prediction
     (``base - sum(top-k weights) < 0``). 0 where the base prediction is already wrong,
-    -1 where no k <= max_k flips it."""
+    -1 where no k <= max_k flips it.
+
+    base_margin (T,) and weight (n, T) must be of the correct-class margin
+    ``logit_y - max_{j != y} logit_j`` (:func:`datalens.tasks.classification.correct_class_margins`),
+    which is negative exactly when the argmax is wrong; the logsumexp margin is negative
+    whenever p_y < 1/2, which a correct argmax can be."""
     top = -np.sort(-weight, axis=0)[:max_k]  # (max_k, T) descending
     after = base_margin[None, :] - np.cumsum(np.clip(top, 0, None), axis=0)
     flipped = after < 0
@@ -76,7 +81,8 @@ def flipped_fraction(k_star: np.ndarray, ks: list[int]) -> np.ndarray:
 
 def verify_support(weight: np.ndarray, k_star: np.ndarray, targets: np.ndarray, retrain: Retrain) -> np.ndarray:
     """Retrain without each sampled target's predicted support set; True where the retrained
-    margin is indeed negative (the prediction flips). targets need k_star > 0."""
+    correct-class margin is indeed negative (the argmax moves off the label: the prediction
+    flips). targets need k_star > 0; ``retrain`` returns correct-class margins."""
     n = weight.shape[0]
     masks = []
     for t in targets:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from sklearn.decomposition import PCA
 
 from datalens.attribution.datamodels import Datamodels, fit_from_store
+from datalens.core.config import ParamError
 from datalens.core.data import Dataset
 from datalens.evaluation.metrics import evaluate_heldout
+from datalens.tasks.classification import correct_class_margins
 
 
 def fit_and_grow(train_store, held_out: tuple[np.ndarray, np.ndarray, np.ndarray], solver: dict, val_fraction: float,
@@ -39,6 +42,23 @@ def fit_and_grow(train_store, held_out: tuple[np.ndarray, np.ndarray, np.ndarray
     growth[num_models] = {k: result[k] for k in growth[min(growth)]} if growth else {}
     result["growth"] = {str(k): v for k, v in growth.items()}
     return dm, result, fits
+
+
+def correct_class_datamodels(train_store, y_test: np.ndarray, solver: dict, val_fraction: float, seed: int) -> Datamodels:
+    """Datamodels of the correct-class margin ``logit_y - max_{j != y} logit_j`` of every test
+    example (n_train, t), fit like the margin's on the store's test logits: brittleness counts a
+    prediction as flipped when this margin falls below 0, i.e. when the argmax changes."""
+    if "test_logits" not in train_store.group:
+        raise ParamError("the correct-class datamodels need the class logits of every subset model: set "
+                         "train.record_logits: true (the train store was made without them)")
+    y = torch.as_tensor(np.asarray(y_test))
+
+    def measure(logits: np.ndarray) -> np.ndarray:
+        return correct_class_margins(torch.as_tensor(logits, dtype=torch.float32), y).double().numpy()
+
+    dm, _ = fit_from_store(train_store, val_fraction=val_fraction, seed=seed, target="test_logits", measure=measure,
+                           progress=False, **solver)
+    return dm
 
 
 def leakage(weight: np.ndarray, ds: Dataset, pairs: int = 8) -> tuple[list[tuple[int, int]], dict]:

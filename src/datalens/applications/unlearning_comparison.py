@@ -7,7 +7,7 @@ figures and the metrics are drawn from. The methods and KLoM are :mod:`datalens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -79,17 +79,26 @@ def widen_until_interior(lrs: dict[str, Sequence[float]], evaluate, select_sets:
         widenings += 1
 
 
-class StoreLogits:
-    """The logits of a store's models as a (N, (n_train + n_test) * C) array that reads by rows,
-    so a store too large for memory streams through :func:`~datalens.attribution.datamodels.ridge_set_contributions`."""
+class StoreRows:
+    """The completed models of a store as an array that reads by rows (N, ...): ``name``'s rows,
+    or with ``name=None`` every class logit, (N, (n_train + n_test) * C). A store too large for
+    memory streams through :func:`~datalens.attribution.datamodels.ridge_set_contributions`, and
+    masks and outputs read through two of these are the same models, row for row."""
 
-    def __init__(self, store):
-        self.store = store
-        n, c = store.group["train_logits"].shape[1:]
-        self.shape = (store.num_models, (n + store.group["test_logits"].shape[1]) * c)
+    def __init__(self, store, name: str | None = None):
+        self.store, self.name = store, name
+        self.rows = np.flatnonzero(store.completed())
+        if name is None:
+            n, c = store.group["train_logits"].shape[1:]
+            self.shape = (len(self.rows), (n + store.group["test_logits"].shape[1]) * c)
+        else:
+            self.shape = (len(self.rows), *store.group[name].shape[1:])
 
     def __getitem__(self, rows) -> np.ndarray:
-        out = load_outputs(self.store, rows)
+        idx = self.rows[rows]
+        if self.name is not None:
+            return self.store.read(self.name, idx)
+        out = load_outputs(self.store, idx)
         return out.reshape(len(out), -1)
 
     def columns(self, cols: np.ndarray, block: int = 1000) -> np.ndarray:
@@ -129,7 +138,7 @@ def attribute(main_store, u: dict, n_train: int, num_classes: int, device: str =
     ridge datamodels of train margins for the principal components that make coherent forget
     sets, then the forget sets, then each set's contribution to every logit."""
     t0 = time.perf_counter()
-    masks = main_store.read("masks")
+    masks = main_store.read("masks")  # completed models only, like every read below
     train_outputs = main_store.read("train_outputs")
     ridges = [float(r) for r in u["ridge_grid"]]
     margin_ridge, margin_mse = select_ridge(masks, train_outputs, ridges, u["val_fraction"], u["seed"], device)
@@ -137,12 +146,12 @@ def attribute(main_store, u: dict, n_train: int, num_classes: int, device: str =
     components = max([s.get("component", 1) for s in u["forget_sets"]])
     scores = datamodel_components(weights, components, u["seed"])
     sets = make_forget_sets(u["forget_sets"], n_train, u["seed"], scores)
-    logits = StoreLogits(main_store)  # (N, n_all * C), read by blocks of models
+    logits = StoreRows(main_store)  # (N, n_all * C), read by blocks of models
     # the ridge for the logits is chosen on a seeded sample of columns: one solve per ridge on all
     # of them would cost (n_all * C) / sample times as much and choose the same pooled optimum
     cols = np.sort(np.random.default_rng([u["seed"], 53]).choice(logits.shape[1], min(2000, logits.shape[1]), replace=False))
     logit_ridge, logit_mse = select_ridge(masks, logits.columns(cols), ridges, u["val_fraction"], u["seed"], device)
-    contributions = ridge_set_contributions(main_store.group["masks"], logits, indicators(sets, n_train), logit_ridge, device)
+    contributions = ridge_set_contributions(StoreRows(main_store, "masks"), logits, indicators(sets, n_train), logit_ridge, device)
     return Attribution(sets, scores, contributions, margin_ridge, logit_ridge, margin_mse.tolist(), logit_mse.tolist(),
                        time.perf_counter() - t0)
 
@@ -154,7 +163,7 @@ def lasso_check(main_store, attribution: Attribution, problems: Sequence["Proble
     examples: correlation and MSE of predicted against actual mean change, and each fit's
     seconds per target (the lasso's, extrapolated to every column, is what rules it out)."""
     masks = main_store.read("masks")
-    logits = StoreLogits(main_store)
+    logits = StoreRows(main_store)
     predicted: dict[str, list[np.ndarray]] = {"ridge": [], "lasso": []}
     actual, seconds = [], {"ridge": 0.0, "lasso": 0.0}
     per_set = max(num_classes, num_targets // max(1, len(problems)))
@@ -497,11 +506,40 @@ class Comparison:
     summary: dict
     lr_grids: dict[str, list[float]]  # per method, the grid after widening (widen_until_interior)
     lrs_on_edge: dict[str, list[float]]  # chosen learning rates still on an edge (empty: every choice interior)
+    dm_scale: dict[str, dict]  # per kind of set, the datamodel scale chosen on the select sets (choose_dm_scale)
+
+
+def choose_dm_scale(own_logits: torch.Tensor, data: dict, select: Sequence[Problem], scales: Sequence[float],
+                    klom_params: dict) -> dict[str, dict]:
+    """The datamodel scale m per kind of forget set, chosen on its select sets: DM-direct's
+    outputs become ``own - m * contribution``, and the m whose outputs have the lowest
+    :func:`selection_score` (mean over the kind's select sets) is chosen. m > 1 corrects
+    datamodels that predict too small a shift (a coherent group's removal is not the sum of its
+    members' effects measured at alpha = 0.5). DMM matches the same scaled outputs, so it is
+    chosen once for both. Returns {kind: {"chosen", "scores" by m, "on_edge"}}."""
+    grid = sorted(float(m) for m in scales)
+    out = {}
+    for kind in sorted({pr.forget.kind for pr in select}):
+        scores = {}
+        for m in grid:
+            pts = [score_point(predicted_logits(own_logits, m * pr.contribution), data["y_all"], pr.oracle_margins, pr.splits,
+                               klom_params)[0] for pr in select if pr.forget.kind == kind]
+            scores[m] = float(np.mean([selection_score(pt) for pt in pts]))
+        chosen = min(scores, key=scores.get)
+        out[kind] = {"chosen": chosen, "scores": {str(m): s for m, s in scores.items()},
+                     "on_edge": len(grid) > 1 and chosen in (grid[0], grid[-1])}
+    return out
 
 
 def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem], u: dict,
                    extra: dict[str, float]) -> Comparison:
-    """Choose on the select sets, then evaluate each reported set at the choice for its kind."""
+    """Choose the datamodel scale and then every learning rate on the select sets, then evaluate
+    each reported set at the choices for its kind."""
+    dm_scale = choose_dm_scale(own_logits, data, [pr for pr in problems if pr.forget.select], u["dm_scales"], u["klom"])
+    if edges := {k: c["chosen"] for k, c in dm_scale.items() if c["on_edge"]}:
+        print(f"unlearning.dm_scales: the chosen scale sits on the grid's edge for {edges}; widen the grid")
+    problems = [replace(pr, contribution=dm_scale[pr.forget.kind]["chosen"] * pr.contribution) if pr.forget.kind in dm_scale else pr
+                for pr in problems]
     select = [pr for pr in problems if pr.forget.select]
     selected, grids, on_edge = widen_until_interior(
         u["lrs"], lambda lrs: evaluate_methods(models, own_logits, data, select, u, lrs=lrs), [pr.forget for pr in select],
@@ -516,7 +554,7 @@ def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: 
                                                                     and pr.forget.kind == kind], u, lrs=choice.learning_rates))
     reported = {pr.forget.name: reported[pr.forget.name] for pr in problems if not pr.forget.select}
     choice_of = {pr.forget.name: choice_for(pr.forget, choices) for pr in problems if not pr.forget.select}
-    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra), grids, on_edge)
+    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra), grids, on_edge, dm_scale)
 
 
 def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dict, comparison: Comparison,
@@ -526,7 +564,7 @@ def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dic
                 "margin_ridge": attribution.margin_ridge, "logit_ridge": attribution.logit_ridge, "seconds": attribution.seconds,
                 "lasso_check": lasso},
             "selection": {kind: {"lr_per_budget": jsonable(c.per_budget), "best": c.best} for kind, c in comparison.choices.items()},
-            "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge,
+            "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge, "dm_scale": comparison.dm_scale,
             "extra_epochs": extra, **jsonable({k: v for k, v in comparison.summary.items() if k != "curves"}),
             "sets": jsonable(comparison.reported), "select_sets": jsonable(comparison.selected)}
 

@@ -75,13 +75,13 @@ def _helpful_grads(task: Task, model, x, y, param_names=None):
 
 def grad_dot(task: Task, model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
     gt = per_example_gradients(model, x_targets, y_targets, task, param_names=param_names, dtype=torch.float64)
-    return (_helpful_grads(task, model, x_train, y_train, param_names) @ gt.T).numpy()
+    return (_helpful_grads(task, model, x_train, y_train, param_names) @ gt.T).cpu().numpy()
 
 
 def grad_cosine(task: Task, model, x_train, y_train, x_targets, y_targets, param_names=None) -> np.ndarray:
     gt = per_example_gradients(model, x_targets, y_targets, task, param_names=param_names, dtype=torch.float64)
     gi = _helpful_grads(task, model, x_train, y_train, param_names)
-    return (F.normalize(gi, dim=1) @ F.normalize(gt, dim=1).T).numpy()
+    return (F.normalize(gi, dim=1) @ F.normalize(gt, dim=1).T).cpu().numpy()
 
 
 def tracin(task: Task, checkpoints: Sequence[nn.Module], lrs: Sequence[float], x_train, y_train, x_targets, y_targets,
@@ -118,13 +118,13 @@ def influence_explicit(task: Task, model, x_train, y_train, train_mask, x_target
     Works on a float64 copy: the caller's model is left as it is."""
     model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
-    mask = torch.as_tensor(np.asarray(train_mask, bool))
+    mask = torch.as_tensor(np.asarray(train_mask, bool), device=x_train.device)
     loss, flat0 = _training_loss_fn(task, model, x_train[mask].double(), y_train[mask], names)
     hess = torch.func.hessian(loss)(flat0)
     gi = _helpful_grads(task, model, x_train.double(), y_train, names)
     gt = per_example_gradients(model, x_targets.double(), y_targets, task, param_names=names, dtype=torch.float64)
-    eye = torch.eye(len(flat0), dtype=hess.dtype)
-    out = {d: (gi @ torch.linalg.solve(hess + d * eye, gt.T)).numpy() for d in np.atleast_1d(damping).tolist()}
+    eye = torch.eye(len(flat0), dtype=hess.dtype, device=hess.device)
+    out = {d: (gi @ torch.linalg.solve(hess + d * eye, gt.T)).cpu().numpy() for d in np.atleast_1d(damping).tolist()}
     return out if isinstance(damping, (list, tuple)) else out[float(damping)]
 
 
@@ -136,7 +136,7 @@ def influence_cg(task: Task, model, x_train, y_train, train_mask, x_targets, y_t
     Works on a float64 copy: the caller's model is left as it is."""
     model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
-    mask = torch.as_tensor(np.asarray(train_mask, bool))
+    mask = torch.as_tensor(np.asarray(train_mask, bool), device=x_train.device)
     loss, flat0 = _training_loss_fn(task, model, x_train[mask].double(), y_train[mask], names)
     g = grad(loss)
 
@@ -164,7 +164,7 @@ def influence_cg(task: Task, model, x_train, y_train, train_mask, x_targets, y_t
         p = r + (rs_new / rs.clamp_min(1e-300)) * p
         rs = rs_new
     gi = _helpful_grads(task, model, x_train.double(), y_train, names)
-    return (gi @ v).numpy()
+    return (gi @ v).cpu().numpy()
 
 
 def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
@@ -215,7 +215,7 @@ def ekfac_influence(task: Task, model: nn.Module, x_train, y_train, x_targets, y
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # kronfluence's torch.cuda.amp calls, on every run
         torch.manual_seed(seed)  # the labels drawn for the true Fisher
-        analyzer = Analyzer("datalens", tracked, kf_task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer = Analyzer("datalens", tracked, kf_task, cpu=x_train.device.type != "cuda", disable_tqdm=True, output_dir=tmp)
         analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size,
                                  factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
         for d in dampings:
@@ -224,5 +224,5 @@ def ekfac_influence(task: Task, model: nn.Module, x_train, y_train, x_targets, y
                                              per_device_train_batch_size=batch_size,
                                              score_args=ScoreArguments(damping_factor=float(d)), overwrite_output_dir=True)
             # kronfluence scores grad f_x^T G^{-1} grad L_i (query x train); training on z_i moves along -grad L_i
-            out[float(d)] = -analyzer.load_pairwise_scores(name)["all_modules"].double().T.numpy()
+            out[float(d)] = -analyzer.load_pairwise_scores(name)["all_modules"].double().T.cpu().numpy()
     return out

@@ -23,7 +23,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,11 +115,13 @@ def soft_threshold(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _lipschitz(gram: torch.Tensor, iters: int = 100) -> float:
+    """A power-iteration estimate of the largest eigenvalue of ``gram`` (from below, so
+    :func:`lasso_fista` checks every step against it and raises it where it falls short)."""
     v = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for _ in range(iters):
         v = gram @ v
-        v = v / v.norm()
-    return float(v @ (gram @ v)) * 1.01
+        v = v / v.norm().clamp_min(1e-300)
+    return max(float(v @ (gram @ v)), 1e-300) * 1.01
 
 
 def lasso_objective(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w: torch.Tensor,
@@ -134,27 +136,47 @@ def lasso_fista(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w0: 
     """Solve min_w 1/2 w^T C w - c^T w + lam ||w||_1 for every column at once.
 
     gram C: (n, n); cross c: (n, T); lam: (T,); returns w: (n, T), and with ``return_info``
-    also {iterations, restarts, converged, objective (per iteration, summed over columns)}.
+    also {iterations, column_iterations (T,), restarts, converged (every column), lipschitz
+    (the step constant used at the end), objective (per iteration, summed over columns)}.
 
     FISTA with function-value restart (O'Donoghue & Candes, 2015), per column: a step
     that would raise a column's objective is rejected and that column's momentum reset,
     so its next step is a plain proximal-gradient step, which cannot raise it. The
     objective therefore never increases. C w is carried along (C v follows by linearity),
-    so each iteration costs one (n, n) x (n, T) product. Stops when the largest
-    coordinate change is below ``tol`` times the largest weight.
+    so each iteration costs one (n, n) x (n, T_active) product.
+
+    Step size: the objective is quadratic, so a step d from v with constant L obeys the
+    descent lemma exactly when d^T C d <= L ||d||^2; C d is known from the carried products, so
+    every step is checked at no cost and, where the estimate ``lipschitz`` (a power iteration by
+    default) falls short, L is raised and the step redone (backtracking, Beck & Teboulle 2009).
+
+    Each column stops on its own, when its largest coordinate change is below ``tol`` times
+    its own largest weight, and leaves the product: a small-weight target is judged on its
+    own scale, not on the largest target's.
     """
     L = lipschitz or _lipschitz(gram)
-    w = torch.zeros_like(cross) if w0 is None else w0.clone()
-    gw = gram @ w
-    f_w = lasso_objective(gram, cross, lam, w, gw)
+    n, num = cross.shape
+    out = torch.zeros_like(cross) if w0 is None else w0.clone()
+    gw_all = gram @ out
+    f_all = lasso_objective(gram, cross, lam, out, gw_all)
+    column_iterations = torch.zeros(num, dtype=torch.long)
+    idx = torch.arange(num, device=cross.device)
+    w, gw, f_w, c, lam_a = out.clone(), gw_all, f_all.clone(), cross, lam
     v, gv = w.clone(), gw.clone()
-    t = torch.ones(cross.shape[1], dtype=cross.dtype, device=cross.device)
-    thresh = (lam / L).unsqueeze(0)
-    restarts, converged, trace, it = 0, False, [], 0
+    t = torch.ones(num, dtype=cross.dtype, device=cross.device)
+    restarts, trace, it = 0, [], 0
     for it in range(1, max_iter + 1):
-        w_next = soft_threshold(v - (gv - cross) / L, thresh)
-        gw_next = gram @ w_next
-        f_next = lasso_objective(gram, cross, lam, w_next, gw_next)
+        while True:
+            w_next = soft_threshold(v - (gv - c) / L, (lam_a / L).unsqueeze(0))
+            gw_next = gram @ w_next
+            step = w_next - v
+            curvature = (step * (gw_next - gv)).sum(0)  # d^T C d
+            length = (step * step).sum(0)
+            short = curvature > L * length * (1 + 1e-9)
+            if not bool(short.any()):
+                break
+            L = 1.1 * max(L, float((curvature[short] / length[short]).max()))
+        f_next = lasso_objective(gram, c, lam_a, w_next, gw_next)
         up = f_next > f_w + 1e-12 * f_w.abs().clamp_min(1.0)
         if bool(up.any()):  # reject the step in those columns and drop their momentum
             restarts += int(up.sum())
@@ -165,14 +187,23 @@ def lasso_fista(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w0: 
         v = w_next + beta * delta
         gv = gw_next + beta * (gw_next - gw)
         w, gw, f_w, t = w_next, gw_next, f_next, t_next
+        f_all[idx] = f_w
         if return_info:
-            trace.append(float(f_w.sum()))
-        if not bool(up.any()) and float(delta.abs().max()) <= tol * max(float(w.abs().max()), 1e-12):
-            converged = True
-            break
+            trace.append(float(f_all.sum()))
+        done = ~up & (delta.abs().amax(0) <= tol * w.abs().amax(0).clamp_min(1e-12))
+        column_iterations[idx.cpu()] = it
+        if bool(done.any()):  # converged columns leave the product
+            out[:, idx[done]] = w[:, done]
+            keep = ~done
+            idx, w, gw, f_w, c, lam_a, v, gv, t = (idx[keep], w[:, keep], gw[:, keep], f_w[keep], c[:, keep], lam_a[keep],
+                                                   v[:, keep], gv[:, keep], t[keep])
+            if len(idx) == 0:
+                break
+    out[:, idx] = w
     if return_info:
-        return w, {"iterations": it, "restarts": restarts, "converged": converged, "objective": trace}
-    return w
+        return out, {"iterations": it, "column_iterations": column_iterations.numpy(), "restarts": restarts,
+                     "converged": len(idx) == 0, "lipschitz": L, "objective": trace}
+    return out
 
 
 def lambda_grid(cross: np.ndarray, num: int, eps: float) -> np.ndarray:
@@ -210,6 +241,7 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
         cols_t = torch.as_tensor(cols, device=device)
         lam_k = torch.as_tensor(grid[k, cols], dtype=dtype, device=device)
         w_cols, info = lasso_fista(gram, cross[:, cols_t], lam_k, w[:, cols_t], max_iter, tol, L, return_info=True)
+        L = info["lipschitz"]  # raised where a step showed the estimate short
         unconverged += not info["converged"]
         w[:, cols_t] = w_cols
         raw = (w_cols.cpu().numpy() / sigma[:, None])
@@ -271,24 +303,28 @@ def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.nd
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def store_blocks(store, rows: np.ndarray, target: str = "test_outputs", block: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream (masks, margins) for ``rows`` of a store, ``block`` models at a time."""
+def store_blocks(store, rows: np.ndarray, target: str = "test_outputs", block: int = 1000,
+                 measure: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (masks, outputs) for ``rows`` of a store, ``block`` models at a time; ``measure``
+    maps a block of ``target`` to the (block, T) outputs fitted (default: ``target`` as it is)."""
     for a in range(0, len(rows), block):
         idx = rows[a:a + block]
-        yield store.read("masks", idx), store.read(target, idx)
+        values = store.read(target, idx)
+        yield store.read("masks", idx), values if measure is None else measure(values)
 
 
 def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0.1, seed: int = 0, target: str = "test_outputs",
-                   **kwargs) -> tuple[Datamodels, dict]:
-    """Fit datamodels on the first ``num_models`` completed models of a store (all by default)."""
+                   measure: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs) -> tuple[Datamodels, dict]:
+    """Fit datamodels on the first ``num_models`` completed models of a store (all by default),
+    to ``target`` or to ``measure`` of it (see :func:`store_blocks`)."""
     done = np.flatnonzero(store.completed())
     if num_models is not None:
         if num_models > len(done):
             raise ValueError(f"num_models={num_models} but the store holds only {len(done)} completed models")
         done = done[:num_models]
     tr, va = split_models(len(done), val_fraction, seed)
-    train = Moments.from_blocks(store_blocks(store, done[tr], target))
-    val = Moments.from_blocks(store_blocks(store, done[va], target))
+    train = Moments.from_blocks(store_blocks(store, done[tr], target, measure=measure))
+    val = Moments.from_blocks(store_blocks(store, done[va], target, measure=measure))
     return fit_datamodels(train, val, **kwargs)
 
 

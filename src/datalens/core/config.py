@@ -276,6 +276,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "modeldiff.num_models": _int(20),
     "modeldiff.num_checkpoints": _int(2),
     "modeldiff.num_components": _int(1),
+    "modeldiff.null_permutations": _int(1),
     "modeldiff.patch": _fields(label=_int(0), count=_int(1), test_count=_int(0), size=_int(1), row=_int(0), col=_int(0),
                                value=_float(), seed=_int(0)),
     "modeldiff.planted_a": _overrides,
@@ -293,6 +294,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "unlearning.budgets": _float_list(0.0),
     "unlearning.lrs": _lrs,
     "unlearning.max_grid_extensions": _int(0),
+    "unlearning.dm_scales": _float_list(0.0),
     "unlearning.batch_size": _int(1),
     "unlearning.momentum": _float(0.0, 1.0, hi_open=True),
     "unlearning.lr_decay": _float(0.0, 1.0, lo_open=True),
@@ -432,14 +434,6 @@ class ParamRules(BaseModel):
         self._rule(info, ("unlearning.forget_sets", "data.dataset"), lambda sets, d: all(s["size"] < self._sizes(info)(d)[0] for s in sets),
                    "every forget set must be smaller than the training set")
         return self
-
-
-def check_consistency(flat: dict[str, Any], root: str | Path = ".") -> None:
-    """Check :class:`ParamRules` on ``flat``; raise :class:`ParamError` with every broken rule, one line each."""
-    rules: list[str] = []
-    ParamRules.model_validate(flat, context={"root": root, "problems": rules})
-    if rules:
-        raise ParamError("\n".join(rules))
 
 
 def environment_problems(flat: dict[str, Any], root: str | Path = ".") -> list[str]:

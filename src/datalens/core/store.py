@@ -247,9 +247,13 @@ class SubsetStore(ResumableStore):
 
 def open_existing(url: str, mode: str = "r", cls: type[ResumableStore] = SubsetStore, num_units: int | None = None):
     """Open a finished or partial store (``mode="r+"`` to write blocks into it), seen as its
-    first ``num_units`` units when given."""
+    first ``num_units`` units when given. A store that holds fewer units than asked for is an
+    error, not a smaller answer: the params it was read for describe a larger run."""
     group = _open_group(url, mode)
     if group is None:
         raise FileNotFoundError(f"no store at {url}; run the stage that creates it first")
     store = cls(group, url)
+    if num_units is not None and num_units > store.completed_flags.shape[0]:
+        raise StoreError(f"store at {url} holds {store.completed_flags.shape[0]} units, but the params ask for {num_units}; "
+                         f"rerun the stage that trains it with these params")
     return store if num_units is None else store.limited(num_units)

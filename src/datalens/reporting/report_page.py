@@ -95,7 +95,7 @@ FIGURES = [
      "ModelDiff paper, explained-variance plots",
      lambda m: f"B minus A, direction 1: {m['planted']['variance_b'][0]:.4f} under B vs {m['planted']['variance_a'][0]:.4f} under A", []),
     ("modeldiff", "planted_recovery_roc.png", "How well the direction's weights find the planted training images.", "a ground truth the paper does not have",
-     lambda m: "AUROC {auroc:.3f}, precision {precision_at_planted:.2f}".format(**m["planted"]["recovery_by_direction"][m["planted"]["best_direction"] - 1]), []),
+     lambda m: "AUROC {auroc:.3f}, precision {precision_at_planted:.2f}".format(**m["planted"]) + f", swap-null p = {m['planted']['null']['p_value']:.3f}", []),
     ("modeldiff", "planted_top_training.png", "Training images with the largest weights in the leading direction (* planted).",
      "ModelDiff paper, top training examples of a direction", lambda m: "", []),
     ("modeldiff", "planted_top_targets.png", "Test images whose residual projects most strongly on the leading direction.",
@@ -106,7 +106,8 @@ FIGURES = [
                + "; A: " + " / ".join(f"{e['probability_change']['mean']:+.3f}" for e in m["planted"]["intervention"]["planted_a"]),
      ["modeldiff_patch_low_noise", "modeldiff_patch_high_noise"]),
     ("modeldiff", "control_variance.png", "Negative control: the same algorithm with two seed streams.", "a control the paper does not report",
-     lambda m: f"largest variance ratio {m['control']['largest_variance_ratio']:.2f}", []),
+     lambda m: f"largest variance ratio {m['control']['largest_variance_ratio']:.2f} (swap null 95th percentile "
+               f"{m['control']['null']['null_p95']:.2f}, p = {m['control']['null']['p_value']:.2f})", []),
     ("modeldiff", "natural_variance.png", "Explained variance of the directions distinguishing weight decay from none.", "ModelDiff paper, explained-variance plots",
      lambda m: f"most asymmetric: {m['natural']['inferred']['residual']}, contrasting classes {m['natural']['inferred']['contrasts_classes']}", []),
     ("modeldiff", "natural_top_training.png", "Training images at the extremes of the leading directions (weight decay vs none).",
@@ -221,9 +222,12 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
                   "params": f"selection models charged: {a['selection_models']}"}]
     if "modeldiff" in m:
         d = m["modeldiff"]
-        r = d["planted"]["recovery_by_direction"][d["planted"]["best_direction"] - 1]
+        r = d["planted"]
         rows += [{"metric": "ModelDiff planted recovery (AUROC / precision)", "value": f"{r['auroc']:.3f} / {r['precision_at_planted']:.2f}",
-                  "params": f"{p['modeldiff']['num_models']} models per algorithm, {d['attribution']}"},
+                  "params": f"{p['modeldiff']['num_models']} models per algorithm, {d['attribution']}, direction chosen by variance ratio"},
+                 {"metric": "ModelDiff swap-null p-value (planted / control / natural)",
+                  "value": " / ".join(f"{d[c]['null']['p_value']:.3f}" for c in ("planted", "control", "natural")),
+                  "params": f"{d['control']['null']['permutations']} permutations"},
                  {"metric": "ModelDiff control, largest variance ratio", "value": f"{d['control']['largest_variance_ratio']:.2f}", "params": ""}]
     if "unlearning" in m:
         u = m["unlearning"]
@@ -246,7 +250,7 @@ def headline_values(reports_dir) -> dict[str, float]:
         out.update(trak_lds_best=best_record(a, "trak")["lds"], datamodels_lds_best=best_record(a, "datamodels")["lds"])
     if "modeldiff" in m:
         d = m["modeldiff"]
-        out["modeldiff_planted_auroc"] = d["planted"]["recovery_by_direction"][d["planted"]["best_direction"] - 1]["auroc"]
+        out["modeldiff_planted_auroc"] = d["planted"]["auroc"]
         out["modeldiff_control_ratio"] = d["control"]["largest_variance_ratio"]
     if "unlearning" in m:
         out.update({f"unlearning_forget_klom_{k}": mean_p95(m["unlearning"], k) for k in ("om", "dmm", "dm_direct", "do_nothing", "floor")})

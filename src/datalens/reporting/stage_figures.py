@@ -41,19 +41,19 @@ def datamodel_figures(dm, result: dict, masks: np.ndarray, actual_mean: np.ndarr
 
 # -- modeldiff --------------------------------------------------------------------------------
 
-def planted_figures(a_minus_b, b_minus_a, best: int, auroc: float, ds: Dataset, fig: Path) -> None:
+def planted_figures(a_minus_b, b_minus_a, chosen: int, auroc: float, ds: Dataset, fig: Path) -> None:
     planted = ds.planted
     plots.variance_scatter({"A minus B": (a_minus_b.variance_a, a_minus_b.variance_b), "B minus A": (b_minus_a.variance_a, b_minus_a.variance_b)},
                            fig / "planted_variance.png", "A (blanks the patch)", "B (sees it)")
     truth = np.zeros(ds.n_train, bool)
     truth[planted] = True
-    plots.roc_curve(np.abs(b_minus_a.components[best]), truth, fig / "planted_recovery_roc.png",
-                    f"B minus A, direction {best + 1}: AUROC {auroc:.3f}")
-    pos, neg = b_minus_a.top_training_examples(best, 8)
+    plots.roc_curve(np.abs(b_minus_a.components[chosen]), truth, fig / "planted_recovery_roc.png",
+                    f"B minus A, direction {chosen + 1}: AUROC {auroc:.3f}")
+    pos, neg = b_minus_a.top_training_examples(chosen, 8)
     plots.image_grid([ds.images_train[i] for i in [*pos, *neg]],
-                     [f"{'*' if i in planted else ''}+{b_minus_a.components[best][i]:.2f}" if j < 8 else f"{b_minus_a.components[best][i]:.2f}"
+                     [f"{'*' if i in planted else ''}+{b_minus_a.components[chosen][i]:.2f}" if j < 8 else f"{b_minus_a.components[chosen][i]:.2f}"
                       for j, i in enumerate([*pos, *neg])], fig / "planted_top_training.png", ncols=8)
-    tops = b_minus_a.top_targets(best, 8)
+    tops = b_minus_a.top_targets(chosen, 8)
     plots.image_grid([ds.images_test[t] for t in tops], [f"test #{t} y={ds.y_test[t]}" for t in tops], fig / "planted_top_targets.png", ncols=8)
 
 

@@ -4,6 +4,9 @@
 definition TRAK and KLoM use, so one margin serves datamodels, TRAK's LDS and unlearning
 alike. It is positive exactly when p_y > 1/2 (with many classes a correct argmax can
 still have p_y < 1/2, so accuracy is recorded separately, from the argmax).
+
+**Correct-class margin**: ``logit_y - max_{j != y} logit_j`` (Ilyas et al. 2022), positive
+exactly when the argmax is y: brittleness counts a prediction as flipped by it.
 """
 from __future__ import annotations
 
@@ -19,6 +22,13 @@ def margins_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     correct = logits.gather(-1, y_idx).squeeze(-1)
     others = logits.scatter(-1, y_idx, float("-inf"))
     return correct - torch.logsumexp(others, dim=-1)
+
+
+def correct_class_margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``logit_y - max_{j != y} logit_j`` for logits (..., n, C) and labels (n,): shape (..., n);
+    positive exactly when the argmax is y (ties aside)."""
+    y_idx = y.expand(logits.shape[:-1]).unsqueeze(-1)
+    return logits.gather(-1, y_idx).squeeze(-1) - logits.scatter(-1, y_idx, float("-inf")).amax(-1)
 
 
 class ClassificationTask(Task):

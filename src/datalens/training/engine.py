@@ -106,6 +106,17 @@ def lr_factor(settings: TrainSettings, step: int, total_steps: int, steps_per_ep
     return max(0.0, (total_steps - step) / max(1, total_steps - peak))
 
 
+def interval_lrs(settings: TrainSettings, snapshot_epochs: Sequence[int], steps_per_epoch: int) -> list[float]:
+    """TracIn's weight for each snapshot (taken after epoch e): the summed learning rate of the
+    steps since the previous snapshot (Pruthi et al. 2020, TracInCP), under the schedule."""
+    total, out, start = steps_per_epoch * settings.epochs, [], 0
+    for epoch in snapshot_epochs:
+        stop = int(epoch) * steps_per_epoch
+        out.append(settings.lr * sum(lr_factor(settings, s, total, steps_per_epoch) for s in range(start, stop)))
+        start = stop
+    return out
+
+
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Pad-and-crop plus horizontal flip, drawn per image from ``gen``: (B, C, H, W) -> same.
     Other inputs (flat features) pass through unchanged."""

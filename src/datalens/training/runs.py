@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -148,8 +148,10 @@ def cached_dataset(name: str, root: str, patch: dict | None = None, blank: dict 
     return _DATA_CACHE[key]
 
 
-def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int]) -> dict:
-    """Train one model per mask with the given seeds; the task's measurements as in :func:`train_range`."""
+def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int],
+                     measure: Callable | None = None) -> dict:
+    """Train one model per mask with the given seeds; the task's measurements as in :func:`train_range`
+    (``test_outputs`` by ``measure(raw outputs, targets)`` where given, else the task's output)."""
     ds, task = run.dataset_(), run.make_task()
     device = resolve_device(run.device)
     x_tr, y_tr, x_te, y_te = ds.tensors(device)
@@ -159,7 +161,7 @@ def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], mo
     raw_te, raw_tr = trained.outputs(task, x_te, y_te), trained.outputs(task, x_tr, y_tr)
     out = {
         "masks": masks,
-        "test_outputs": task.output(raw_te, y_te).float().cpu().numpy(),
+        "test_outputs": (measure or task.output)(raw_te, y_te).float().cpu().numpy(),
         "test_metric": task.metric(raw_te, y_te).float().cpu().numpy(),
         "train_outputs": task.output(raw_tr, y_tr).float().cpu().numpy(),
         "models": trained,
@@ -241,14 +243,16 @@ def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) ->
     return store
 
 
-def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: str = "counterfactual") -> np.ndarray:
+def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: str = "counterfactual",
+                   measure: Callable | None = None) -> np.ndarray:
     """Test margins (m, t) of models trained on given masks (m, n), averaged over ``repeats``
-    seeds. Repeat r uses the same seed for every mask (common random numbers), so
-    differences between masks are not blurred by initialisation noise."""
+    seeds (or ``measure(raw outputs (m, t, C), labels (t,))``, e.g. the correct-class margin).
+    Repeat r uses the same seed for every mask (common random numbers), so differences
+    between masks are not blurred by initialisation noise."""
     total = 0.0
     for r in range(repeats):
         seeds = [model_seed(run.seed, 0, r, stream)] * len(masks)
-        total = total + _train_and_score(run, masks, seeds, range(len(masks)))["test_outputs"].astype(np.float64)
+        total = total + _train_and_score(run, masks, seeds, range(len(masks)), measure)["test_outputs"].astype(np.float64)
     return total / repeats
 
 
