@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
+from sklearn.linear_model import Lasso
 
 from datalens.applications.modeldiff import model_diff, per_target_cosine, principal_directions, residuals
 
@@ -179,32 +180,127 @@ def _planted_difference(seed, strength):
     return a + 0.3 * rng.normal(size=a.shape), b, planted
 
 
-def test_the_swap_null_is_modeldiff_on_swapped_targets():
-    from datalens.applications.modeldiff import largest_variance_ratio, swap_null
+SOLVER = dict(num_lambdas=12, eps=1e-3, max_iter=500, tol=1e-7)
+
+
+def _model_stacks(seed, strength, n=40, t=30, models=400, shared=3, shared_scale=3.0):
+    """Two algorithms' subset models on the same masks (models, n): outputs (models, t) = masks @ theta
+    + a per-model effect shared by every target (a seed stream's quirks, rank ``shared``) + noise;
+    B's theta adds ``strength`` on 4 planted training examples for half of the targets."""
+    rng = np.random.default_rng(seed)
+    masks = (rng.random((models, n)) < 0.5).astype(float)
+    theta = rng.normal(size=(n, t)) * (rng.random((n, t)) < 0.3)
+    loadings = shared_scale * rng.normal(size=(shared, t))
+    extra = np.zeros((n, t))
+    extra[np.ix_(rng.choice(n, 4, replace=False), rng.random(t) < 0.5)] = strength
+
+    def outputs(th):
+        return masks @ th + rng.normal(size=(models, shared)) @ loadings + 0.5 * rng.normal(size=(models, t))
+    return masks, outputs(theta), outputs(theta + extra)
+
+
+def _kkt_on_support(masks, y, support, signs, lam):
+    """The lasso's equations on a given support, solved by least squares on scikit-learn's
+    standardised masks: min 1/(2N) |Z_S w - (y - ybar)|^2 + lam s^T w, in raw units."""
+    from sklearn.preprocessing import StandardScaler
+    z = StandardScaler().fit_transform(masks)[:, support]
+    n = len(masks)
+    w = np.linalg.lstsq(z.T @ z / n, z.T @ (y - y.mean()) / n - lam * signs, rcond=None)[0]
+    out = np.zeros(masks.shape[1])
+    out[support] = w / masks.std(0)[support]
+    return out
+
+
+def test_paired_datamodels_of_one_algorithm_twice_are_its_lasso():
+    from datalens.applications.modeldiff import paired_datamodels
+    masks, ya, _ = _model_stacks(0, 0.0, models=200)
+    pair = paired_datamodels(masks, ya, ya, SOLVER, seed=3)  # the pool is A twice: its lasso is A's own
+    mu, sd = masks.mean(0), masks.std(0)
+    for j in (0, 7, 19):  # scikit-learn's coordinate descent at the chosen lambda, on the standardised masks
+        lam = _chosen_lambda(masks, ya, ya, j)
+        ref = Lasso(alpha=lam, fit_intercept=False, tol=1e-12, max_iter=100000).fit((masks - mu) / sd, ya[:, j] - ya[:, j].mean())
+        np.testing.assert_allclose(pair.theta_a[:, j], ref.coef_ / sd, atol=1e-4 * np.abs(ref.coef_ / sd).max())
+    np.testing.assert_array_equal(pair.theta_a, pair.theta_b)
+
+
+def _chosen_lambda(masks, ya, yb, j):
+    from datalens.attribution.datamodels import Moments, fit_datamodels, split_models
+    tr, va = split_models(len(masks), 0.1, 3)
+    pooled = [Moments.from_blocks([(masks[r], ya[r]), (masks[r], yb[r])]) for r in (tr, va)]
+    dm = fit_datamodels(*pooled, progress=False, **SOLVER)[0]
+    return dm.lam[j] if j is not None else dm
+
+
+def test_a_swapped_pair_solves_the_lasso_equations_on_the_pooled_support():
+    from datalens.applications.modeldiff import paired_datamodels
+    masks, ya, yb = _model_stacks(1, 1.0, models=200)
+    pair = paired_datamodels(masks, ya, yb, SOLVER, seed=3, block=2)
+    pooled = _chosen_lambda(masks, ya, yb, None)
+    swaps = np.random.default_rng(1).random((3, 200)) < 0.5
+    fits = list(pair.swapped(swaps))  # three swaps, in blocks of two
+    for s, (theta_a, theta_b) in zip(swaps, fits):
+        for theta, y in ((theta_a, np.where(s[:, None], yb, ya)), (theta_b, np.where(s[:, None], ya, yb))):
+            for j in (0, 7, 19):
+                support = np.flatnonzero(pooled.weight_std[:, j])
+                ref = _kkt_on_support(masks, y[:, j], support, np.sign(pooled.weight_std[support, j]), pooled.lam[j])
+                np.testing.assert_allclose(theta[:, j], ref, atol=1e-8 * np.abs(ref).max())
+    everything = next(pair.swapped(np.ones((1, 200), bool)))  # exchanging every model exchanges the algorithms
+    np.testing.assert_allclose(everything[0], pair.theta_b, atol=1e-10)
+    np.testing.assert_allclose(everything[1], pair.theta_a, atol=1e-10)
+
+
+def _per_target_swap_null(a, b, k, permutations, seed):
+    """The earlier null: each target's pair of attribution vectors exchanged (not the models)."""
+    from datalens.applications.modeldiff import largest_variance_ratio
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(permutations):
+        s = rng.random(a.shape[1]) < 0.5
+        out.append(largest_variance_ratio(*model_diff(np.where(s, b, a), np.where(s, a, b), k)))
+    return np.array(out)
+
+
+def test_the_model_swap_null_holds_where_the_per_target_swap_rejects_the_same_algorithm():
+    from datalens.applications.modeldiff import largest_variance_ratio, model_swap_null, paired_datamodels, permutation_p_value
+    model_swap, target_swap = [], []
+    for seed in range(12):  # one algorithm, two seed streams, whose quirks are shared across targets
+        pair = paired_datamodels(*_model_stacks(seed, 0.0), SOLVER)
+        observed = largest_variance_ratio(*model_diff(pair.theta_a, pair.theta_b, 3))
+        model_swap.append(permutation_p_value(observed, model_swap_null(pair, 3, 19, seed)))
+        target_swap.append(permutation_p_value(observed, _per_target_swap_null(pair.theta_a, pair.theta_b, 3, 19, seed)))
+    assert sum(p <= 0.05 for p in model_swap) <= 2  # a null with the estimator's shared noise: the control passes
+    assert sum(p <= 0.05 for p in target_swap) >= 9  # exchanging targets breaks that noise and rejects nearly always
+    for seed in range(9, 12):  # a real difference still stands out: above all 19 swaps
+        planted = paired_datamodels(*_model_stacks(seed, 2.0, shared_scale=0.5), SOLVER)
+        observed = largest_variance_ratio(*model_diff(planted.theta_a, planted.theta_b, 3))
+        assert permutation_p_value(observed, model_swap_null(planted, 3, 19, 0)) == 0.05
+
+
+def test_model_swap_null_draws_the_exchanges_it_says():
+    from datalens.applications.modeldiff import AttributionPair, largest_variance_ratio, model_swap_null
     a, b, _ = _planted_difference(4, 4.0)
-    null = swap_null(a, b, 3, 2, seed=7)
-    swap = np.random.default_rng([7, 29]).random(a.shape[1]) < 0.5  # the draw swap_null makes first
-    assert null[0] == pytest.approx(_numpy_largest_ratio(np.where(swap, b, a), np.where(swap, a, b), 3), rel=1e-9)
+    seen = []
+
+    def swapped(swaps):  # a stand-in: records the exchanges, yields a fixed pair
+        for s in swaps:
+            seen.append(s)
+            yield (b, a) if s[0] else (a, b)
+
+    null = model_swap_null(AttributionPair(a, b, swapped, 6), 3, 2, seed=7)
+    draws = np.random.default_rng([7, 29])
+    np.testing.assert_array_equal(np.array(seen), draws.random((2, 6)) < 0.5)
+    assert null[0] == pytest.approx(_numpy_largest_ratio(a, b, 3), rel=1e-9)
     assert largest_variance_ratio(*model_diff(a, b, 3)) == pytest.approx(_numpy_largest_ratio(a, b, 3), rel=1e-9)
-
-
-def test_a_planted_difference_is_significant_and_the_same_algorithm_is_not():
-    from datalens.applications.modeldiff import largest_variance_ratio, permutation_p_value, swap_null
-    for seed in range(3):
-        a, b, _ = _planted_difference(seed, 4.0)
-        observed = largest_variance_ratio(*model_diff(a, b, 3))
-        assert permutation_p_value(observed, swap_null(a, b, 3, 99, seed)) == 0.01  # above every one of 99 swaps
-        a, b, _ = _planted_difference(seed, 0.0)  # the same attributions estimated twice, noisily
-        observed = largest_variance_ratio(*model_diff(a, b, 3))
-        assert observed > 1.2 and permutation_p_value(observed, swap_null(a, b, 3, 99, seed)) > 0.05  # noise, not a feature
 
 
 def test_the_planted_direction_is_chosen_without_the_planted_labels():
     from types import SimpleNamespace
+    from datalens.applications.modeldiff import AttributionPair
     from datalens.applications.modeldiff_analysis import planted_case
     a, b, planted = _planted_difference(5, 4.0)
     truth = np.flatnonzero(planted)
     fake = np.setdiff1d(np.arange(len(planted)), truth)[:8]  # other labels: the choice must not move
-    results = [planted_case(a, b, SimpleNamespace(planted=lab, planted_test=np.arange(3)), 3, 9, 0)[0] for lab in (truth, fake)]
+    pair = AttributionPair(a, b, lambda swaps: ((a, b) for _ in swaps), 4)  # the null is not what is tested here
+    results = [planted_case(pair, SimpleNamespace(planted=lab, planted_test=np.arange(3)), 3, 2, 0)[0] for lab in (truth, fake)]
     assert results[0]["chosen_direction"] == results[1]["chosen_direction"] == 1
     assert results[0]["auroc"] > 0.99 and results[1]["auroc"] < 0.9  # and what is reported is that direction's recovery

@@ -64,10 +64,10 @@ def claims(m: dict) -> list[str]:
         " / ".join(f"{x['probability_change']['mean']:.3f}" for x in effects),
         " / ".join(f"[{x['probability_change']['low']:.3f}, {x['probability_change']['high']:.3f}]" for x in effects),
         "{mean:.2f} [{low:.2f}, {high:.2f}] at full strength".format(**effects[-1]["margin_change"]),
-        f"largest variance ratio is {d['control']['largest_variance_ratio']:.2f}",
+        f"largest variance ratio is {d['control']['null']['largest_variance_ratio']:.2f}",
         *(f"{case} p = {d[case]['null']['p_value']:.2f} (null 95th percentile {d[case]['null']['null_p95']:.2f})"
           for case in ("planted", "control", "natural")),
-        f"(ratio {1 / nat['inferred']['variance_ratio']:.2f}, barely above the control)",
+        f"direction (ratio {1 / nat['inferred']['variance_ratio']:.2f}) contrasts",
         "contrasts training {}s with {}s".format(*nat["inferred"]["contrasts_classes"]),
         f"{nat['intervention']['b_over_a_contrasted']:.2f} times as much", f"against {nat['intervention']['b_over_a_other']:.2f} times",
     ]
@@ -90,8 +90,16 @@ def unlearning_claims(u: dict) -> list[str]:
     acc = u["accuracy"]["forget"]
     out.append(f"GA's forget accuracy is {acc['ga']:.2f} against the oracles' {acc['oracle']:.2f}")
     best = {kind: c["best"]["dmm"][1] for kind, c in u["selection"].items()}
-    out.append(f"the budgets chosen for it are {best['random']:g} and {best['component']:g} epoch-equivalents")
-    out.append("datamodel scale m = " + " and ".join(f"{u['dm_scale'][k]['chosen']:g}" for k in ("random", "component")))
+    out.append(f"The budgets chosen for DMM are {best['random']:g} and {best['component']:g} epoch-equivalents")
+    ds = u["dm_scale"]
+    out.append("datamodel scale m = " + " and ".join(f"{ds[k]['chosen']:g}" for k in ("random", "component")))
+    out.append("datamodels at α = " + " and ".join(f"{ds[k]['alpha']:g}" for k in ("random", "component")))
+    out.append(f"from {ds['random']['scores']['0.5']['1.0']:.2f} (α = 0.5, m = 1) to {ds['random']['scores']['0.9']['2.0']:.2f}")
+    out.append(f"only from {min(ds['component']['scores']['0.5'].values()):.2f} (α = 0.5, best m) to "
+               f"{ds['component']['scores']['0.9']['3.0']:.2f}")
+    out.append("`lrs_on_edge` is empty" if not u["lrs_on_edge"] else f"`lrs_on_edge`: {u['lrs_on_edge']}")
+    edge = u["budgets_on_edge"]
+    assert edge == {"random": ["dmm", "om"], "component": ["dmm", "gd", "om", "scrub"]}, edge  # as the README says in words
     lc = u["attribution"]["lasso_check"]
     out += [f"Pearson {lc['ridge']['pearson']:.3f} for ridge and {lc['lasso']['pearson']:.3f} for the lasso",
             f"on {lc['targets']} logit targets"]  # the lasso's minutes are wall-clock, left out like every timing

@@ -364,6 +364,39 @@ def test_the_datamodel_scale_is_chosen_per_kind_on_the_select_sets():
     data = {"y_all": y_all}
     got = unlearning_comparison.choose_dm_scale(own, data, [p for p in probs if p.forget.select], [0.5, 1.0, 2.0, 3.0], klom_params)
     assert got["component"]["chosen"] == 2.0 and got["random"]["chosen"] == 1.0
-    assert not got["component"]["on_edge"] and got["component"]["scores"]["2.0"] < got["component"]["scores"]["1.0"]
+    scores = got["component"]["scores"]["None"]  # the problems' own datamodels, under no alpha
+    assert not got["component"]["on_edge"] and scores["2.0"] < scores["1.0"]
     edge = unlearning_comparison.choose_dm_scale(own, data, probs[:1], [0.5, 1.0, 2.0], klom_params)
     assert edge["component"] == {**edge["component"], "chosen": 2.0, "on_edge": True}
+
+
+def test_datamodels_of_another_alpha_are_chosen_where_they_predict_the_select_sets_better():
+    # oracles = base logits minus a shift; the base run's datamodels see a coherent set's shift at half
+    # its size and with noise, another alpha's see it whole: chosen there, and not for the random kind
+    from datalens.applications.unlearning_comparison import choose_dm_scale
+    rng = np.random.default_rng(1)
+    m, n_train, n_test, c = 30, 40, 10, 4
+    own = torch.as_tensor(rng.normal(size=(m, n_train + n_test, c)))
+    y_all = torch.as_tensor(rng.integers(0, c, n_train + n_test))
+    klom_params = {"bins": 20, "clip": 100.0, "floor": 1e-5, "direction": "unlearned_oracle"}
+    size = (n_train + n_test) * c
+    probs, by_alpha = [], {0.5: {}, 0.9: {}}
+    for name, kind in (("sel_pc", "component"), ("sel_r", "random")):
+        shift = rng.normal(size=size) * 2.0
+        forget = unlearning.ForgetSet(name, kind, tuple(range(5)), True)
+        oracle = unlearning.margins(unlearning.predicted_logits(own, shift), y_all)
+        noisy = rng.normal(size=size)
+        by_alpha[0.5][name], by_alpha[0.9][name] = (0.5 * shift + noisy, shift) if kind == "component" else (shift, 0.3 * shift + noisy)
+        probs.append(unlearning_comparison.Problem(forget, oracle, oracle, torch.zeros(1), by_alpha[0.5][name],
+                                                   unlearning.split_indices(n_train, n_test, forget.array), {}))
+    got = choose_dm_scale(own, {"y_all": y_all}, probs, [0.5, 1.0, 2.0, 3.0], klom_params, by_alpha)
+    assert (got["component"]["alpha"], got["component"]["chosen"]) == (0.9, 1.0)
+    assert (got["random"]["alpha"], got["random"]["chosen"]) == (0.5, 1.0)
+    assert got["component"]["scores"]["0.9"]["1.0"] < got["component"]["scores"]["0.5"]["2.0"]
+
+
+def test_methods_whose_best_setting_spends_the_largest_budget_are_named():
+    from datalens.applications.unlearning_comparison import Choice, budgets_on_edge
+    choices = {"random": unlearning_comparison.Choice({}, {"om": (0.01, 4.0), "gd": (0.1, 2.0), "ga": None}),
+               "component": Choice({}, {"om": (0.003, 2.0), "dmm": (0.1, 4.0)})}
+    assert budgets_on_edge(choices, [0.5, 2, 4]) == {"random": ["om"], "component": ["dmm"]}

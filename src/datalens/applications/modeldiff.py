@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import linalg, stats
 from sklearn.metrics import roc_auc_score
 
 from datalens.core.config import ParamError, resolve_location, set_dotted, validate
 from datalens.core.data import stamp
-from datalens.attribution.datamodels import fit_from_store
+from datalens.attribution.datamodels import Moments, fit_datamodels, split_models
+from datalens.core.progress import progress_bar
 from datalens.training.engine import resolve_device
 from datalens.tasks.classification import margins_from_logits
 from datalens.tasks.gradients import raw_outputs
@@ -125,20 +126,104 @@ def largest_variance_ratio(a_minus_b: Directions, b_minus_a: Directions) -> floa
     return float(np.max(np.maximum(ratios, 1 / ratios)))
 
 
-def swap_null(theta_a, theta_b, num_components: int, permutations: int, seed: int, device="cpu") -> np.ndarray:
-    """The null distribution (permutations,) of :func:`largest_variance_ratio` when the two
-    algorithms are exchangeable: each target's pair of attribution vectors is swapped with
-    probability 1/2 and ModelDiff rerun. It is computed from the same attributions, so it
-    carries their own estimation noise: a noisier estimator raises the null with the observed
-    ratio, and a fixed threshold (a ratio of 2, say) would not."""
-    a = torch.as_tensor(np.asarray(theta_a), dtype=torch.float64, device=device)
-    b = torch.as_tensor(np.asarray(theta_b), dtype=torch.float64, device=device)
-    rng = np.random.default_rng([seed, 29])
-    null = np.empty(permutations)
-    for i in range(permutations):
-        swap = torch.as_tensor(rng.random(a.shape[1]) < 0.5, device=device)
-        null[i] = largest_variance_ratio(*model_diff(torch.where(swap, b, a), torch.where(swap, a, b), num_components, device))
-    return null
+@dataclass
+class AttributionPair:
+    """Two algorithms' attributions, theta_a and theta_b (n_train, T), from models trained on the
+    same masks (model i of A and model i of B share mask i), and how to recompute both with some
+    models exchanged between the algorithms: ``swapped(swaps)`` yields (theta_a', theta_b') for
+    each row of a (P, num_models) bool array, where swaps[p, i] exchanges the two models i. Under
+    the hypothesis that A and B are one algorithm, models i of A and B are exchangeable, so the
+    swapped pairs are draws of the observed pair's distribution: the null of :func:`model_swap_null`."""
+
+    theta_a: np.ndarray
+    theta_b: np.ndarray
+    swapped: Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]]
+    num_models: int
+
+
+def paired_datamodels(masks: np.ndarray, outputs_a: np.ndarray, outputs_b: np.ndarray, solver: dict,
+                      val_fraction: float = 0.1, seed: int = 0, device: str = "cpu", block: int = 25) -> AttributionPair:
+    """Datamodels of two algorithms on the same masks (N, n) with outputs (N, T) each, on one
+    support per target shared by both.
+
+    The lasso path is run on the two algorithms' models pooled (lambda chosen on ``val_fraction``
+    of them); its solution gives each target a support S, signs s and lambda. Each algorithm's
+    datamodel is then the lasso's solution on that support, ``w_S = C_SS^-1 (c_S - lambda s)``
+    (standardised masks, C = Z^T Z / N, c = Z^T (y - ybar) / N): the lasso's own solution when its
+    support is S. A difference between the two is then not a difference in which examples each
+    lasso kept, and the fit is linear in the outputs given S, s and lambda, which no exchange of
+    models between A and B changes (the pool is the same models). So the swapped pairs of the
+    null are exact and cheap: one factorisation of C_SS per target serves ``block`` swaps at once.
+    """
+    x = np.asarray(masks, dtype=np.float64)
+    ya, yb = np.asarray(outputs_a, dtype=np.float64), np.asarray(outputs_b, dtype=np.float64)
+    if ya.shape != yb.shape or len(ya) != len(x):
+        raise ValueError(f"paired datamodels need outputs of one shape, a row per mask: masks {x.shape}, A {ya.shape}, B {yb.shape}")
+    (num, n), targets = x.shape, ya.shape[1]
+    tr, va = split_models(num, val_fraction, seed)
+    pooled, _ = fit_datamodels(*[Moments.from_blocks([(x[r], ya[r]), (x[r], yb[r])]) for r in (tr, va)], device=device,
+                               progress=False, **solver)
+    z = (x - pooled.mu) / pooled.sigma  # the pooled refit's standardisation: the masks' own (every model is in the pool)
+    gram = z.T @ z / num
+    supports = [np.flatnonzero(pooled.weight_std[:, t]) for t in range(targets)]
+    shift = pooled.lam[None, :] * np.sign(pooled.weight_std)  # lambda s, zero off the support
+
+    def fit(swaps: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        swaps = np.atleast_2d(np.asarray(swaps, dtype=np.float64))
+        for a in range(0, len(swaps), block):
+            s = swaps[a:a + block]  # (p, N)
+            p = len(s)
+            out = np.zeros((2, p, n, targets))
+            for t, sup in enumerate(supports):
+                if len(sup) == 0:
+                    continue
+                diff = yb[:, t] - ya[:, t]
+                y = np.concatenate([ya[:, t] + s * diff, yb[:, t] - s * diff])  # (2p, N): A' then B'
+                cross = z[:, sup].T @ (y - y.mean(1, keepdims=True)).T / num  # (|S|, 2p)
+                w = _solve_psd(gram[np.ix_(sup, sup)], cross - shift[sup, t, None])
+                out[:, :, sup, t] = (w / pooled.sigma[sup, None]).T.reshape(2, p, len(sup))
+            yield from zip(out[0], out[1])
+
+    theta_a, theta_b = next(fit(np.zeros((1, num), bool)))
+    return AttributionPair(theta_a, theta_b, fit, num)
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a^-1 b for a positive semi-definite a: by Cholesky, or by least squares (the minimum-norm
+    solution) where a is singular: a support wider than the models can pin down. Which one
+    applies depends on the masks alone, so every swap of a target is solved the same way."""
+    try:
+        return linalg.solve(a, b, assume_a="pos")
+    except linalg.LinAlgError:
+        return linalg.lstsq(a, b)[0]
+
+
+def paired_trak(features_a: Sequence, features_b: Sequence, ridge: float) -> AttributionPair:
+    """TRAK of two algorithms from the features of their checkpoints 0..M-1 (checkpoint m of each on
+    mask m, projected with the same matrix); a swap exchanges checkpoints between the algorithms."""
+    if len(features_a) != len(features_b):
+        raise ValueError(f"paired TRAK needs as many checkpoints of each algorithm: {len(features_a)} vs {len(features_b)}")
+
+    def fit(swaps: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for swap in np.atleast_2d(swaps):
+            pairs = [(fb, fa) if s else (fa, fb) for fa, fb, s in zip(features_a, features_b, swap)]
+            yield trak_scores([a for a, _ in pairs], ridge), trak_scores([b for _, b in pairs], ridge)
+
+    theta_a, theta_b = next(fit(np.zeros((1, len(features_a)), bool)))
+    return AttributionPair(theta_a, theta_b, fit, len(features_a))
+
+
+def model_swap_null(pair: AttributionPair, num_components: int, permutations: int, seed: int) -> np.ndarray:
+    """The null distribution (permutations,) of :func:`largest_variance_ratio` when the two algorithms
+    are one: each model index's pair of models is exchanged between A and B with probability 1/2,
+    the attributions recomputed (:attr:`AttributionPair.swapped`) and ModelDiff rerun. It carries
+    the estimator's own noise, including what one stack of models shares across all its targets
+    (a seed stream's quirks move every target's attribution together). Exchanging targets instead
+    would break that shared part and give too narrow a null: an earlier version did, and it
+    rejected the same-algorithm control at p = 0.01."""
+    swaps = np.random.default_rng([seed, 29]).random((permutations, pair.num_models)) < 0.5
+    return np.array([largest_variance_ratio(*model_diff(a, b, num_components))
+                     for a, b in progress_bar(pair.swapped(swaps), total=permutations, desc="model-swap null")])
 
 
 def permutation_p_value(observed: float, null: np.ndarray) -> float:
@@ -169,18 +254,26 @@ def algorithm_run(p: dict, overrides: dict, *, store: str, num_models: int, num_
     return replace(run, patch=patch or None, blank=overrides.get("data.blank"), repeat_offset=repeat_offset)
 
 
-def attribution_matrix(run: SubsetRun, store: SubsetStore, kind: str, num_models: int, solver: dict,
-                       trak_models: int = 10, proj_dim: int = 2048, ridge: float = 1.0, seed: int = 0) -> np.ndarray:
-    """(n_train, n_test) attributions of one algorithm: datamodels fit on its first ``num_models``
-    subset models (lambda chosen on a 10% split of them), or TRAK from its first ``trak_models`` checkpoints."""
+def attribution_pair(runs: tuple[SubsetRun, SubsetRun], stores: tuple[SubsetStore, SubsetStore], kind: str, num_models: int,
+                     solver: dict, trak_models: int = 10, proj_dim: int = 2048, ridge: float = 1.0, seed: int = 0) -> AttributionPair:
+    """Attributions (n_train, n_test) of two algorithms run on the same masks: datamodels fit on the
+    first ``num_models`` subset models of each (:func:`paired_datamodels`, lambda chosen on a 10%
+    split of them pooled), or TRAK from the first ``trak_models`` checkpoints of each."""
     if kind == "datamodels":
-        dm, _ = fit_from_store(store, num_models=num_models, val_fraction=0.1, seed=seed, progress=False, **solver)
-        return dm.weight
+        rows = [np.flatnonzero(st.completed()) for st in stores]
+        if min(len(r) for r in rows) < num_models:
+            raise ValueError(f"modeldiff.num_models={num_models} but a store holds only {min(len(r) for r in rows)} completed models")
+        rows = [r[:num_models] for r in rows]
+        masks = [st.read("masks", r) for st, r in zip(stores, rows)]
+        if not np.array_equal(*masks):
+            raise ValueError("the two algorithms' models were not trained on the same masks (train.seed must match)")
+        device = str(resolve_device(runs[0].device))
+        return paired_datamodels(masks[0], *(st.read("test_outputs", r) for st, r in zip(stores, rows)), solver, 0.1, seed, device)
     if kind == "trak":
-        device = resolve_device(run.device)
-        data = run.dataset_().tensors(device)
-        feats = [featurize(run.make_task(), run.load_checkpoint(store, m, device), *data, proj_dim, seed, m) for m in range(trak_models)]
-        return trak_scores(feats, ridge)
+        device = resolve_device(runs[0].device)
+        feats = [[featurize(run.make_task(), run.load_checkpoint(store, m, device), *run.dataset_().tensors(device), proj_dim, seed, m)
+                  for m in range(trak_models)] for run, store in zip(runs, stores)]
+        return paired_trak(*feats, ridge)
     raise ParamError(f"modeldiff.attribution={kind!r} is not allowed; allowed values: datamodels, trak")
 
 

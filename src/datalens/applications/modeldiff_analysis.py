@@ -6,30 +6,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from datalens.applications.modeldiff import (Directions, blend_toward, contrasted_classes, intervention_effect,
-                                             largest_variance_ratio, model_diff, per_target_cosine, permutation_p_value, recovery,
-                                             swap_null)
+from datalens.applications.modeldiff import (AttributionPair, Directions, blend_toward, contrasted_classes, intervention_effect,
+                                             largest_variance_ratio, model_diff, model_swap_null, per_target_cosine,
+                                             permutation_p_value, recovery)
 from datalens.core.data import Dataset, stamp
 
 
-def significance(theta_a: np.ndarray, theta_b: np.ndarray, a_minus_b: Directions, b_minus_a: Directions, k: int,
-                 permutations: int, seed: int) -> dict:
-    """The largest variance ratio of either residual beside its swap-permutation null
-    (:func:`~datalens.applications.modeldiff.swap_null`): null quantiles and the p-value."""
+def significance(pair: AttributionPair, a_minus_b: Directions, b_minus_a: Directions, k: int, permutations: int,
+                 seed: int) -> dict:
+    """The largest variance ratio of either residual beside its model-swap null
+    (:func:`~datalens.applications.modeldiff.model_swap_null`): null quantiles and the p-value."""
     observed = largest_variance_ratio(a_minus_b, b_minus_a)
-    null = swap_null(theta_a, theta_b, k, permutations, seed)
+    null = model_swap_null(pair, k, permutations, seed)
     return {"largest_variance_ratio": observed, "null_median": float(np.median(null)), "null_p95": float(np.quantile(null, 0.95)),
             "null_max": float(null.max()), "permutations": int(permutations), "p_value": permutation_p_value(observed, null)}
 
 
-def planted_case(theta_a: np.ndarray, theta_b: np.ndarray, ds: Dataset, k: int, permutations: int,
+def planted_case(pair: AttributionPair, ds: Dataset, k: int, permutations: int,
                  seed: int) -> tuple[dict, Directions, Directions, int]:
     """Directions of A minus B and B minus A (k each) for attributions (n, t) of the algorithm that
-    cannot see the patch (A) and the one that can (B). The reported direction of B minus A is
+    cannot see the patch (A) and the one that can (B), ``pair``. The reported direction of B minus A is
     chosen without the planted labels: the one B's attributions explain most relative to A's
     (the largest variance ratio B/A). Its recovery of the planted training images is reported,
-    with every direction's beside it, and its significance against the swap null."""
-    a_minus_b, b_minus_a = model_diff(theta_a, theta_b, k)
+    with every direction's beside it, and its significance against the model-swap null."""
+    a_minus_b, b_minus_a = model_diff(pair.theta_a, pair.theta_b, k)
     planted = ds.planted
     by_direction = [recovery(b_minus_a.components[c], planted) for c in range(k)]
     chosen = int(np.argmax(1 / b_minus_a.variance_ratio))  # B over A: no planted labels used
@@ -38,7 +38,7 @@ def planted_case(theta_a: np.ndarray, theta_b: np.ndarray, ds: Dataset, k: int, 
               "recovery_by_direction": by_direction,
               "variance_a": b_minus_a.variance_a.tolist(), "variance_b": b_minus_a.variance_b.tolist(),
               "a_minus_b_variance_a": a_minus_b.variance_a.tolist(), "a_minus_b_variance_b": a_minus_b.variance_b.tolist(),
-              "null": significance(theta_a, theta_b, a_minus_b, b_minus_a, k, permutations, seed)}
+              "null": significance(pair, a_minus_b, b_minus_a, k, permutations, seed)}
     result["top_targets_with_patch"] = float(np.isin(b_minus_a.top_targets(chosen, len(ds.planted_test)), ds.planted_test).mean())
     return result, a_minus_b, b_minus_a, chosen
 
@@ -57,31 +57,28 @@ def patch_intervention(algos: dict, stores: dict, md: dict, ds: Dataset) -> dict
             for name in ("planted_a", "planted_b")}
 
 
-def control_case(theta_1: np.ndarray, theta_2: np.ndarray, k: int, permutations: int, seed: int) -> tuple[dict, Directions, Directions]:
-    """The negative control: one algorithm under two sets of seeds; its largest variance ratio
-    against the swap null (a control that passes has a p-value that is not small)."""
-    c1, c2 = model_diff(theta_1, theta_2, k)
-    result = {"largest_variance_ratio": largest_variance_ratio(c1, c2), "variance_ratios_1_minus_2": c1.variance_ratio.tolist(),
-              "variance_ratios_2_minus_1": c2.variance_ratio.tolist(),
-              "per_target_cosine_median": float(np.median(per_target_cosine(theta_1, theta_2))),
-              "null": significance(theta_1, theta_2, c1, c2, k, permutations, seed)}
+def control_case(pair: AttributionPair, k: int, permutations: int, seed: int) -> tuple[dict, Directions, Directions]:
+    """The negative control: one algorithm under two sets of seeds, ``pair``; its largest variance
+    ratio against the model-swap null (a control that passes has a p-value that is not small)."""
+    c1, c2 = model_diff(pair.theta_a, pair.theta_b, k)
+    result = {"variance_ratios_1_minus_2": c1.variance_ratio.tolist(), "variance_ratios_2_minus_1": c2.variance_ratio.tolist(),
+              "per_target_cosine_median": float(np.median(per_target_cosine(pair.theta_a, pair.theta_b))),
+              "null": significance(pair, c1, c2, k, permutations, seed)}
     return result, c1, c2
 
 
-def natural_case(theta_a: np.ndarray, theta_b: np.ndarray, k: int, permutations: int, seed: int) -> tuple[dict, Directions, Directions]:
+def natural_case(pair: AttributionPair, k: int, permutations: int, seed: int) -> tuple[dict, Directions, Directions]:
     """Directions of A minus B and B minus A for two natural algorithms, with their variances and
-    the significance of the largest ratio against the swap null."""
-    n_a, n_b = model_diff(theta_a, theta_b, k)
+    the significance of the largest ratio against the model-swap null."""
+    n_a, n_b = model_diff(pair.theta_a, pair.theta_b, k)
     return ({"a_minus_b": {"variance_a": n_a.variance_a.tolist(), "variance_b": n_a.variance_b.tolist()},
              "b_minus_a": {"variance_a": n_b.variance_a.tolist(), "variance_b": n_b.variance_b.tolist()},
-             "null": significance(theta_a, theta_b, n_a, n_b, k, permutations, seed)}, n_a, n_b)
+             "null": significance(pair, n_a, n_b, k, permutations, seed)}, n_a, n_b)
 
 
-def per_target_cosines(theta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def per_target_cosines(pairs: dict[str, AttributionPair]) -> dict[str, np.ndarray]:
     """Per-target cosine of the two algorithms' attributions, for each case."""
-    return {"planted": per_target_cosine(theta["planted_a"], theta["planted_b"]),
-            "natural": per_target_cosine(theta["natural_a"], theta["natural_b"]),
-            "control": per_target_cosine(theta["natural_a"], theta["control"])}
+    return {case: per_target_cosine(pair.theta_a, pair.theta_b) for case, pair in pairs.items()}
 
 
 def natural_intervention(algos: dict, stores: dict, md: dict, base: Dataset, n_a: Directions, n_b: Directions) -> dict:

@@ -170,6 +170,16 @@ def base_run(p: dict) -> SubsetRun:
     return replace(run, alpha=1.0)
 
 
+def datamodel_run(p: dict, alpha: float) -> SubsetRun:
+    """Subset models at inclusion probability ``alpha`` for DMM's datamodels, as many as the base
+    run has (``train.num_models``), on a mask stream of their own: the alternative to fitting them
+    on the base run's alpha (a removal of a small group is closer to subsets with alpha near 1)."""
+    u = p["unlearning"]
+    run = SubsetRun.from_params(p, store=f"{resolve_location(p, u['store_dir'])}/datamodels", num_checkpoints=0,
+                                stream="unlearning_datamodels", record_logits=True)
+    return replace(run, alpha=float(alpha))
+
+
 def oracle_run(p: dict, forget: ForgetSet) -> SubsetRun:
     """2N oracles retrained on S minus F: models 0..N-1 are the oracles KLoM compares against,
     N..2N-1 an independent set (the noise floor, and the targets OM matches, so that OM never

@@ -18,8 +18,9 @@ from datalens.core.config import ParamError
 from datalens.attribution.datamodels import Moments, fit_datamodels, ridge_datamodels, ridge_set_contributions, select_ridge, split_models
 from datalens.core.progress import progress_bar
 from datalens.tasks.gradients import raw_outputs
+from datalens.training.runs import train_subset_models
 from datalens.applications.unlearning import (FINE_TUNED, SPLITS, ForgetSet, accuracies, budget_steps, datamodel_components,
-                                 example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
+                                 datamodel_run, example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
                                  predicted_logits, settings_from_params, split_indices, unlearn)
 
 
@@ -146,14 +147,38 @@ def attribute(main_store, u: dict, n_train: int, num_classes: int, device: str =
     components = max([s.get("component", 1) for s in u["forget_sets"]])
     scores = datamodel_components(weights, components, u["seed"])
     sets = make_forget_sets(u["forget_sets"], n_train, u["seed"], scores)
-    logits = StoreRows(main_store)  # (N, n_all * C), read by blocks of models
+    contributions, logit_ridge, logit_mse = set_contributions(main_store, sets, u, n_train, device)
+    return Attribution(sets, scores, contributions, margin_ridge, logit_ridge, margin_mse.tolist(), logit_mse.tolist(),
+                       time.perf_counter() - t0)
+
+
+def set_contributions(store, sets: Sequence[ForgetSet], u: dict, n_train: int, device: str = "cpu") -> tuple[np.ndarray, float, np.ndarray]:
+    """(S, n_all * C): each forget set's contribution to every class logit by the ridge datamodels of
+    a store's models, with the ridge (chosen on its validation models) and its validation MSE."""
+    logits = StoreRows(store)  # (N, n_all * C), read by blocks of models
+    ridges = [float(r) for r in u["ridge_grid"]]
     # the ridge for the logits is chosen on a seeded sample of columns: one solve per ridge on all
     # of them would cost (n_all * C) / sample times as much and choose the same pooled optimum
     cols = np.sort(np.random.default_rng([u["seed"], 53]).choice(logits.shape[1], min(2000, logits.shape[1]), replace=False))
-    logit_ridge, logit_mse = select_ridge(masks, logits.columns(cols), ridges, u["val_fraction"], u["seed"], device)
-    contributions = ridge_set_contributions(StoreRows(main_store, "masks"), logits, indicators(sets, n_train), logit_ridge, device)
-    return Attribution(sets, scores, contributions, margin_ridge, logit_ridge, margin_mse.tolist(), logit_mse.tolist(),
-                       time.perf_counter() - t0)
+    masks = store.read("masks")
+    ridge, mse = select_ridge(masks, logits.columns(cols), ridges, u["val_fraction"], u["seed"], device)
+    return ridge_set_contributions(StoreRows(store, "masks"), logits, indicators(sets, n_train), ridge, device), ridge, mse
+
+
+def datamodel_contributions(p: dict, attribution: "Attribution", n_train: int, executor=None) -> dict[float, dict[str, np.ndarray]]:
+    """For each alpha of ``unlearning.datamodel_alphas``: every forget set's contribution (n_all * C,)
+    by name. The base run's alpha reuses ``attribution`` (its store); any other trains
+    :func:`~datalens.applications.unlearning.datamodel_run` first (resumable)."""
+    u, base_alpha = p["unlearning"], float(p["train"]["alpha"])
+    out = {}
+    for alpha in sorted({float(a) for a in u["datamodel_alphas"]}):
+        if alpha == base_alpha:
+            contributions = attribution.contributions
+        else:
+            store = train_subset_models(datamodel_run(p, alpha), executor=executor)
+            contributions = set_contributions(store, attribution.forget_sets, u, n_train)[0]
+        out[alpha] = {fs.name: contributions[i] for i, fs in enumerate(attribution.forget_sets)}
+    return out
 
 
 def lasso_check(main_store, attribution: Attribution, problems: Sequence["Problem"], own_logits: torch.Tensor,
@@ -482,11 +507,12 @@ def histogram_examples(result: dict, choice: Choice, labels: np.ndarray, forget:
     return result["floor"]["_values"]["margins"][:, pick], unlearned, titles
 
 
-def extra_compute(om_oracles: int, train_epochs: int, attribution_models: int, alpha: float) -> dict[str, float]:
+def extra_compute(om_oracles: int, train_epochs: int, attribution_models: int, alphas: Sequence[float]) -> dict[str, float]:
     """Epoch-equivalents of training beyond fine-tuning: OM's oracles (``om_oracles`` models of
     ``train_epochs`` on about the whole training set, per forget set) and the subset models that
-    DMM's and DM-direct's datamodels were fit on (once, for every forget set)."""
-    attribution = float(attribution_models * alpha * train_epochs)
+    DMM's and DM-direct's datamodels were fit on (once, for every forget set): ``attribution_models``
+    at each of ``alphas``, all of them charged, since choosing among them needed every one."""
+    attribution = float(attribution_models * sum(alphas) * train_epochs)
     return {"om": float(om_oracles * train_epochs), "dmm": attribution, "dm_direct": attribution}
 
 
@@ -506,40 +532,51 @@ class Comparison:
     summary: dict
     lr_grids: dict[str, list[float]]  # per method, the grid after widening (widen_until_interior)
     lrs_on_edge: dict[str, list[float]]  # chosen learning rates still on an edge (empty: every choice interior)
-    dm_scale: dict[str, dict]  # per kind of set, the datamodel scale chosen on the select sets (choose_dm_scale)
+    dm_scale: dict[str, dict]  # per kind of set, the datamodels' alpha and scale chosen on the select sets (choose_dm_scale)
 
 
 def choose_dm_scale(own_logits: torch.Tensor, data: dict, select: Sequence[Problem], scales: Sequence[float],
-                    klom_params: dict) -> dict[str, dict]:
-    """The datamodel scale m per kind of forget set, chosen on its select sets: DM-direct's
-    outputs become ``own - m * contribution``, and the m whose outputs have the lowest
-    :func:`selection_score` (mean over the kind's select sets) is chosen. m > 1 corrects
-    datamodels that predict too small a shift (a coherent group's removal is not the sum of its
-    members' effects measured at alpha = 0.5). DMM matches the same scaled outputs, so it is
-    chosen once for both. Returns {kind: {"chosen", "scores" by m, "on_edge"}}."""
+                    klom_params: dict, contributions: dict[float, dict[str, np.ndarray]] | None = None) -> dict[str, dict]:
+    """The datamodels (fit at which alpha) and their scale m per kind of forget set, chosen on its
+    select sets: DM-direct's outputs become ``own - m * contribution``, and the (alpha, m) whose
+    outputs have the lowest :func:`selection_score` (mean over the kind's select sets) is chosen.
+    m > 1 corrects datamodels that predict too small a shift (a coherent group's removal is not
+    the sum of its members' effects measured at alpha = 0.5); datamodels fit at alpha near 1 are
+    the other correction. DMM matches the same outputs, so they are chosen once for both.
+
+    contributions: {alpha: {set name: (n_all * C,)}}; by default the problems' own, under alpha
+    None. Returns {kind: {"alpha", "chosen" (m), "scores" {alpha: {m: score}}, "on_edge" (m's grid)}}."""
     grid = sorted(float(m) for m in scales)
+    contributions = contributions or {None: {pr.forget.name: pr.contribution for pr in select}}
     out = {}
     for kind in sorted({pr.forget.kind for pr in select}):
         scores = {}
-        for m in grid:
-            pts = [score_point(predicted_logits(own_logits, m * pr.contribution), data["y_all"], pr.oracle_margins, pr.splits,
-                               klom_params)[0] for pr in select if pr.forget.kind == kind]
-            scores[m] = float(np.mean([selection_score(pt) for pt in pts]))
-        chosen = min(scores, key=scores.get)
-        out[kind] = {"chosen": chosen, "scores": {str(m): s for m, s in scores.items()},
-                     "on_edge": len(grid) > 1 and chosen in (grid[0], grid[-1])}
+        for alpha, by_set in contributions.items():
+            for m in grid:
+                pts = [score_point(predicted_logits(own_logits, m * by_set[pr.forget.name]), data["y_all"], pr.oracle_margins,
+                                   pr.splits, klom_params)[0] for pr in select if pr.forget.kind == kind]
+                scores[alpha, m] = float(np.mean([selection_score(pt) for pt in pts]))
+        alpha, chosen = min(scores, key=scores.get)
+        out[kind] = {"alpha": alpha, "chosen": chosen, "on_edge": len(grid) > 1 and chosen in (grid[0], grid[-1]),
+                     "scores": {str(a): {str(m): scores[a, m] for m in grid} for a in contributions}}
     return out
 
 
 def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem], u: dict,
-                   extra: dict[str, float]) -> Comparison:
-    """Choose the datamodel scale and then every learning rate on the select sets, then evaluate
-    each reported set at the choices for its kind."""
-    dm_scale = choose_dm_scale(own_logits, data, [pr for pr in problems if pr.forget.select], u["dm_scales"], u["klom"])
+                   extra: dict[str, float], contributions: dict[float, dict[str, np.ndarray]] | None = None) -> Comparison:
+    """Choose the datamodels (``contributions`` by alpha, see :func:`datamodel_contributions`; by
+    default the problems' own) and their scale, then every learning rate, on the select sets; then
+    evaluate each reported set at the choices for its kind."""
+    dm_scale = choose_dm_scale(own_logits, data, [pr for pr in problems if pr.forget.select], u["dm_scales"], u["klom"],
+                               contributions)
     if edges := {k: c["chosen"] for k, c in dm_scale.items() if c["on_edge"]}:
         print(f"unlearning.dm_scales: the chosen scale sits on the grid's edge for {edges}; widen the grid")
-    problems = [replace(pr, contribution=dm_scale[pr.forget.kind]["chosen"] * pr.contribution) if pr.forget.kind in dm_scale else pr
-                for pr in problems]
+
+    def chosen(pr):
+        c = dm_scale[pr.forget.kind]
+        return c["chosen"] * (pr.contribution if contributions is None else contributions[c["alpha"]][pr.forget.name])
+
+    problems = [replace(pr, contribution=chosen(pr)) if pr.forget.kind in dm_scale else pr for pr in problems]
     select = [pr for pr in problems if pr.forget.select]
     selected, grids, on_edge = widen_until_interior(
         u["lrs"], lambda lrs: evaluate_methods(models, own_logits, data, select, u, lrs=lrs), [pr.forget for pr in select],
@@ -548,6 +585,9 @@ def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: 
         print(f"unlearning.lrs: after {u['max_grid_extensions']} widenings (unlearning.max_grid_extensions) these chosen "
               f"learning rates still sit on their grid's edge: {on_edge}")
     choices = choose(selected, [pr.forget for pr in select])
+    if top := {k: v for k, v in budgets_on_edge(choices, u["budgets"]).items() if v}:
+        print(f"unlearning.budgets: the best setting of these methods spends the largest budget, {max(u['budgets'])} "
+              f"epoch-equivalents, so more might still improve them: {top}")
     reported = {}
     for kind, choice in choices.items():
         reported.update(evaluate_methods(models, own_logits, data, [pr for pr in problems if not pr.forget.select
@@ -555,6 +595,13 @@ def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: 
     reported = {pr.forget.name: reported[pr.forget.name] for pr in problems if not pr.forget.select}
     choice_of = {pr.forget.name: choice_for(pr.forget, choices) for pr in problems if not pr.forget.select}
     return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra), grids, on_edge, dm_scale)
+
+
+def budgets_on_edge(choices: dict[str, Choice], budgets: Sequence[float]) -> dict[str, list[str]]:
+    """Per kind of set, the methods whose best (lr, budget) on the select sets spends the largest
+    budget: a method there might still improve with more compute."""
+    top = max(float(b) for b in budgets)
+    return {kind: sorted(m for m, best in c.best.items() if best and best[1] == top) for kind, c in choices.items()}
 
 
 def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dict, comparison: Comparison,
@@ -565,6 +612,7 @@ def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dic
                 "lasso_check": lasso},
             "selection": {kind: {"lr_per_budget": jsonable(c.per_budget), "best": c.best} for kind, c in comparison.choices.items()},
             "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge, "dm_scale": comparison.dm_scale,
+            "budgets_on_edge": budgets_on_edge(comparison.choices, u["budgets"]),
             "extra_epochs": extra, **jsonable({k: v for k, v in comparison.summary.items() if k != "curves"}),
             "sets": jsonable(comparison.reported), "select_sets": jsonable(comparison.selected)}
 

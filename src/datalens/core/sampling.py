@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-STREAMS = {"train": 0, "eval": 1, "counterfactual": 2, "seed_agreement": 3, "unlearning_base": 4, "unlearning_oracle": 5}
+STREAMS = {"train": 0, "eval": 1, "counterfactual": 2, "seed_agreement": 3, "unlearning_base": 4, "unlearning_oracle": 5,
+           "unlearning_datamodels": 6}
 
 
 def _stream_code(stream: str) -> int:

@@ -83,7 +83,7 @@ def _attribution(r: dict) -> dict:
 def _modeldiff(r: dict) -> dict:
     planted, nat = r["planted"], r["natural"]["intervention"]
     return {**{f"accuracy_{k}": v for k, v in r["accuracy"].items()}, "planted_auroc": planted["auroc"],
-            "planted_precision": planted["precision_at_planted"], "control_largest_variance_ratio": r["control"]["largest_variance_ratio"],
+            "planted_precision": planted["precision_at_planted"], "control_largest_variance_ratio": r["control"]["null"]["largest_variance_ratio"],
             **{f"{case}_p_value": r[case]["null"]["p_value"] for case in ("planted", "control", "natural")},
             "natural_b_over_a_contrasted": nat["b_over_a_contrasted"], "natural_b_over_a_other": nat["b_over_a_other"]}
 
