@@ -343,14 +343,22 @@ def test_masks_and_logits_of_a_store_with_a_missing_block_are_the_same_models(ro
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8)
 
 
+KLOM_PARAMS = {"bins": 20, "clip": 100.0, "floor": 1e-5, "direction": "unlearned_oracle"}
+
+
+def _scale_problem_setup(seed, m=30, n_train=40, n_test=10, c=4):
+    """A seeded generator, base logits (m, n_train + n_test, c), labels and KLoM params for the tests
+    of choosing DMM's datamodels."""
+    rng = np.random.default_rng(seed)
+    own = torch.as_tensor(rng.normal(size=(m, n_train + n_test, c)))
+    return rng, own, torch.as_tensor(rng.integers(0, c, n_train + n_test)), KLOM_PARAMS
+
+
 def test_the_datamodel_scale_is_chosen_per_kind_on_the_select_sets():
     # oracles whose logits are the base models' minus 2x (coherent set) or 1x (random set) the attributed
     # contribution: the scale that makes DM-direct match them is chosen, from the select sets alone
-    rng = np.random.default_rng(0)
-    m, n_train, n_test, c = 30, 40, 10, 4
-    own = torch.as_tensor(rng.normal(size=(m, n_train + n_test, c)))
-    y_all = torch.as_tensor(rng.integers(0, c, n_train + n_test))
-    klom_params = {"bins": 20, "clip": 100.0, "floor": 1e-5, "direction": "unlearned_oracle"}
+    rng, own, y_all, klom_params = _scale_problem_setup(0)
+    n_train, n_test, c = 40, 10, 4
 
     def problem(name, kind, true_scale, select):
         forget = unlearning.ForgetSet(name, kind, tuple(range(5)), select)
@@ -374,11 +382,8 @@ def test_datamodels_of_another_alpha_are_chosen_where_they_predict_the_select_se
     # oracles = base logits minus a shift; the base run's datamodels see a coherent set's shift at half
     # its size and with noise, another alpha's see it whole: chosen there, and not for the random kind
     from datalens.applications.unlearning_comparison import choose_dm_scale
-    rng = np.random.default_rng(1)
-    m, n_train, n_test, c = 30, 40, 10, 4
-    own = torch.as_tensor(rng.normal(size=(m, n_train + n_test, c)))
-    y_all = torch.as_tensor(rng.integers(0, c, n_train + n_test))
-    klom_params = {"bins": 20, "clip": 100.0, "floor": 1e-5, "direction": "unlearned_oracle"}
+    rng, own, y_all, klom_params = _scale_problem_setup(1)
+    n_train, n_test, c = 40, 10, 4
     size = (n_train + n_test) * c
     probs, by_alpha = [], {0.5: {}, 0.9: {}}
     for name, kind in (("sel_pc", "component"), ("sel_r", "random")):
