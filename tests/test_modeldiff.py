@@ -216,26 +216,26 @@ def test_paired_datamodels_of_one_algorithm_twice_are_its_lasso():
     masks, ya, _ = _model_stacks(0, 0.0, models=200)
     pair = paired_datamodels(masks, ya, ya, SOLVER, seed=3)  # the pool is A twice: its lasso is A's own
     mu, sd = masks.mean(0), masks.std(0)
+    lam = _pooled_fit(masks, ya, ya).lam
     for j in (0, 7, 19):  # scikit-learn's coordinate descent at the chosen lambda, on the standardised masks
-        lam = _chosen_lambda(masks, ya, ya, j)
-        ref = Lasso(alpha=lam, fit_intercept=False, tol=1e-12, max_iter=100000).fit((masks - mu) / sd, ya[:, j] - ya[:, j].mean())
+        ref = Lasso(alpha=lam[j], fit_intercept=False, tol=1e-12, max_iter=100000).fit((masks - mu) / sd, ya[:, j] - ya[:, j].mean())
         np.testing.assert_allclose(pair.theta_a[:, j], ref.coef_ / sd, atol=1e-4 * np.abs(ref.coef_ / sd).max())
     np.testing.assert_array_equal(pair.theta_a, pair.theta_b)
 
 
-def _chosen_lambda(masks, ya, yb, j):
+def _pooled_fit(masks, ya, yb):
+    """The lasso path on both stacks pooled, as paired_datamodels runs it (split seed 3): its lambdas and support."""
     from datalens.attribution.datamodels import Moments, fit_datamodels, split_models
     tr, va = split_models(len(masks), 0.1, 3)
     pooled = [Moments.from_blocks([(masks[r], ya[r]), (masks[r], yb[r])]) for r in (tr, va)]
-    dm = fit_datamodels(*pooled, progress=False, **SOLVER)[0]
-    return dm.lam[j] if j is not None else dm
+    return fit_datamodels(*pooled, progress=False, **SOLVER)[0]
 
 
 def test_a_swapped_pair_solves_the_lasso_equations_on_the_pooled_support():
     from datalens.applications.modeldiff import paired_datamodels
     masks, ya, yb = _model_stacks(1, 1.0, models=200)
     pair = paired_datamodels(masks, ya, yb, SOLVER, seed=3, block=2)
-    pooled = _chosen_lambda(masks, ya, yb, None)
+    pooled = _pooled_fit(masks, ya, yb)
     swaps = np.random.default_rng(1).random((3, 200)) < 0.5
     fits = list(pair.swapped(swaps))  # three swaps, in blocks of two
     for s, (theta_a, theta_b) in zip(swaps, fits):
