@@ -40,7 +40,7 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
 TINY["06_modeldiff"] = {**TINY["06_modeldiff_train"], "modeldiff.num_components": 2, "modeldiff.blend_intensities": [0.2],
                         "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
 TINY["07_unlearning"] = {
-    **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1,
+    **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1, "unlearning.max_budget_extensions": 1,
     "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
                                {"name": "sel_r", "kind": "random", "size": 4, "select": True},
                                {"name": "sel_pc2", "kind": "component", "component": 2, "size": 4, "select": True}],

@@ -283,44 +283,70 @@ def test_one_diverged_model_is_dropped_and_counted_and_the_others_are_unaffected
     np.testing.assert_array_equal(values, expected_values)
 
 
-def _synthetic_selection(optimum, diverge_above=np.inf):
-    """evaluate(lrs) for widen_until_interior: every method's selection score is the squared
-    log-distance of its learning rate to ``optimum``; above ``diverge_above`` the run diverges."""
+def _synthetic_selection(optimum, diverge_above=np.inf, best_budget=None):
+    """evaluate(plan, budgets) for widen_until_interior: every method's selection score is the
+    squared log-distance of its learning rate to ``optimum`` (plus, with ``best_budget``, the
+    squared log2-distance of the budget to it); above ``diverge_above`` the run diverges."""
     calls = []
 
-    def evaluate(lrs):
-        calls.append({m: list(v) for m, v in lrs.items()})
+    def evaluate(plan, budgets):
+        calls.append({m: dict(v) for m, v in plan.items()})
         points = []
-        for method, grid in lrs.items():
-            for lr in grid:
-                score = np.log10(lr / optimum) ** 2 if lr <= diverge_above else float("nan")
-                points += [{"method": method, "lr": lr, "budget": b, "klom": {s: {"p95": score} for s in unlearning.SPLITS}}
-                           for b in (0.5, 1.0)]
+        for method, by_lr in plan.items():
+            for lr, top in by_lr.items():
+                for b in [b for b in budgets[method] if b <= top]:
+                    score = np.log10(lr / optimum) ** 2 + (np.log2(b / best_budget) ** 2 if best_budget else 0.0)
+                    score = score if lr <= diverge_above else float("nan")
+                    points.append({"method": method, "lr": lr, "budget": b, "klom": {s: {"p95": score} for s in unlearning.SPLITS}})
         return {"select_r": {"points": points}}
 
     return evaluate, calls
 
 
+SELECT = [unlearning.ForgetSet("select_r", "random", (1, 2), select=True)]
+
+
 @pytest.mark.parametrize("optimum,diverge_above", [(0.2, np.inf), (10.0, 0.05), (0.005, np.inf)])
 def test_learning_rate_grids_widen_until_the_choice_is_interior(optimum, diverge_above):
     evaluate, calls = _synthetic_selection(optimum, diverge_above)
-    select = [unlearning.ForgetSet("select_r", "random", (1, 2), select=True)]
-    results, grids, on_edge = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.003, 0.01]}, evaluate, select, 6)
-    chosen = unlearning_comparison.choose(results, select)["random"].per_budget["gd"]
-    finite = [lr for lr in grids["gd"] if lr <= diverge_above]
+    search = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.003, 0.01]}, [0.5, 1.0], evaluate, SELECT, 6, 2)
+    chosen = unlearning_comparison.choose(search.results, SELECT)["random"].per_budget["gd"]
+    grid = search.grids["gd"]
+    finite = [lr for lr in grid if lr <= diverge_above]
     best = min(finite, key=lambda lr: abs(np.log10(lr / optimum)))  # brute force over the final grid
-    assert set(chosen.values()) == {best} and grids["gd"][0] < best < grids["gd"][-1] and on_edge == {}
-    assert all(lr not in calls[0]["gd"] for c in calls[1:] for lr in c["gd"])  # only new learning rates are run
+    assert set(chosen.values()) == {best} and grid[0] < best < grid[-1] and search.lrs_on_edge == {}
+    ran = [(lr, top) for c in calls for lr, top in c["gd"].items()]
+    assert len(ran) == len(set(ran))  # nothing is run twice
+    assert search.budgets == {"gd": [0.5, 1.0]} and search.budget_on_edge == {}  # the best budget (the smaller, a tie) is interior
     if optimum == 0.005:
         assert len(calls) == 1  # already interior: nothing more is run
 
 
 def test_widening_stops_after_max_extensions_and_says_which_choices_remain_on_an_edge():
     evaluate, calls = _synthetic_selection(1e-9)
-    select = [unlearning.ForgetSet("select_r", "random", (1, 2), select=True)]
-    _, grids, on_edge = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.01]}, evaluate, select, 2)
-    np.testing.assert_allclose(grids["gd"], [1e-5, 1e-4, 1e-3, 1e-2])
-    assert on_edge == {"gd": [grids["gd"][0]]} and len(calls) == 3
+    search = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.01]}, [0.5, 1.0], evaluate, SELECT, 2, 2)
+    np.testing.assert_allclose(search.grids["gd"], [1e-5, 1e-4, 1e-3, 1e-2])
+    assert search.lrs_on_edge == {"gd": [search.grids["gd"][0]]} and len(calls) == 3
+
+
+@pytest.mark.parametrize("best_budget,extensions,budgets,on_edge", [(4.0, 3, [0.5, 1.0, 2.0, 4.0, 8.0], {}),
+                                                                    (64.0, 2, [0.5, 1.0, 2.0, 4.0], {"gd": 4.0}),
+                                                                    (1.0, 2, [0.5, 1.0, 2.0], {})])
+def test_a_method_still_improving_at_its_largest_budget_gets_a_larger_one(best_budget, extensions, budgets, on_edge):
+    evaluate, calls = _synthetic_selection(0.003, best_budget=best_budget)
+    search = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.003, 0.01, 0.03]}, [0.5, 1.0], evaluate, SELECT,
+                                                        6, extensions)
+    choice = unlearning_comparison.choose(search.results, SELECT)["random"]
+    assert search.budgets["gd"] == budgets and search.budget_on_edge == on_edge
+    assert choice.best["gd"] == (0.003, min(best_budget, budgets[-1]))
+    assert set(choice.per_budget["gd"]) == set(budgets) and set(choice.per_budget["gd"].values()) == {0.003}
+    for c in calls[1:]:  # a doubled budget runs the best rate and its two neighbours only
+        assert sorted(c["gd"]) == [0.001, 0.003, 0.01] and len(set(c["gd"].values())) == 1
+
+
+def test_a_reported_set_runs_each_chosen_rate_only_as_far_as_the_largest_budget_it_is_chosen_for():
+    choice = unlearning_comparison.Choice({"gd": {0.5: 0.1, 1.0: 0.03, 2.0: 0.03, 4.0: 0.01}}, {"gd": (0.03, 2.0)})
+    assert choice.plan() == {"gd": {0.1: 0.5, 0.03: 2.0, 0.01: 4.0}}
 
 
 def test_masks_and_logits_of_a_store_with_a_missing_block_are_the_same_models(root, tmp_path):
@@ -398,10 +424,3 @@ def test_datamodels_of_another_alpha_are_chosen_where_they_predict_the_select_se
     assert (got["component"]["alpha"], got["component"]["chosen"]) == (0.9, 1.0)
     assert (got["random"]["alpha"], got["random"]["chosen"]) == (0.5, 1.0)
     assert got["component"]["scores"]["0.9"]["1.0"] < got["component"]["scores"]["0.5"]["2.0"]
-
-
-def test_methods_whose_best_setting_spends_the_largest_budget_are_named():
-    from datalens.applications.unlearning_comparison import Choice, budgets_on_edge
-    choices = {"random": unlearning_comparison.Choice({}, {"om": (0.01, 4.0), "gd": (0.1, 2.0), "ga": None}),
-               "component": Choice({}, {"om": (0.003, 2.0), "dmm": (0.1, 4.0)})}
-    assert budgets_on_edge(choices, [0.5, 2, 4]) == {"random": ["om"], "component": ["dmm"]}

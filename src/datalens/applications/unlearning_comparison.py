@@ -43,41 +43,98 @@ def best_setting(scores: dict[tuple[float, float], float]) -> tuple[float, float
     return min(finite, key=lambda k: (finite[k], k[1], k[0])) if finite else None
 
 
-def edge_extensions(grid: Sequence[float], chosen: set[float]) -> list[float]:
-    """Learning rates that widen ``grid`` where a chosen value sits on its edge: one step beyond
-    each chosen edge, a step as wide as the grid's outermost one (x3 for a one-value grid)."""
-    g = sorted(grid)
-    low, high = (g[1] / g[0], g[-1] / g[-2]) if len(g) > 1 else (3.0, 3.0)
-    return ([g[0] / low] if g[0] in chosen else []) + ([g[-1] * high] if g[-1] in chosen and g[-1] * high not in g else [])
+def outward(grid: Sequence[float], lr: float, side: int) -> float:
+    """The learning rate next to ``lr`` on ``side`` (-1 below, +1 above) of the sorted ``grid``;
+    beyond the grid's end, a new one a step as wide as the grid's outermost (x3 for a one-value grid)."""
+    i = grid.index(lr)
+    if 0 <= i + side < len(grid):
+        return grid[i + side]
+    if len(grid) == 1:
+        return lr * 3.0 ** side
+    return lr * (grid[1] / grid[0] if side < 0 else grid[-1] / grid[-2]) ** side
 
 
-def widen_until_interior(lrs: dict[str, Sequence[float]], evaluate, select_sets: Sequence[ForgetSet],
-                         max_extensions: int) -> tuple[dict, dict[str, list[float]], dict[str, list[float]]]:
-    """Evaluate ``lrs`` on the select sets and widen each method's grid, a step at a time, while a
-    chosen learning rate (for any budget, on any kind of set) sits on its edge. A diverged run
-    is never chosen, so a grid whose next step diverges ends there.
+@dataclass
+class Search:
+    """The settings tried on one kind's select sets, as :func:`widen_until_interior` leaves them:
+    per method the learning-rate grid and the budgets (epoch-equivalents, the params' then each
+    doubling), and what is still on an edge once the widenings allowed are spent: learning rates
+    (``lrs_on_edge[method]``) and the best budget (``budget_on_edge[method]``)."""
 
-    ``evaluate(lrs) -> {set name: {"points": [...], ...}}`` runs the given grids on the select
-    sets. Returns the merged results, the final grids, and per method the chosen learning rates
-    still on an edge after ``max_extensions`` widenings (empty when every choice is interior)."""
+    results: dict
+    grids: dict[str, list[float]]
+    budgets: dict[str, list[float]]
+    lrs_on_edge: dict[str, list[float]]
+    budget_on_edge: dict[str, float]
+
+
+def widen_until_interior(lrs: dict[str, Sequence[float]], budgets: Sequence[float], evaluate, select_sets: Sequence[ForgetSet],
+                         max_lr_extensions: int, max_budget_extensions: int) -> Search:
+    """Evaluate every method on one kind's select sets and widen its settings until no choice sits
+    on an edge. Per budget, the chosen learning rate (:func:`choose_per_budget`) must have a
+    tried neighbour on both sides (a diverged one counts: it is never chosen, so a grid whose next
+    step diverges ends there); beyond the grid's ends a new rate is one more step, at most
+    ``max_lr_extensions`` rounds. A method whose best (lr, budget) spends its largest budget gets
+    a budget twice as large, tried at that rate and its two neighbours, at most
+    ``max_budget_extensions`` times. Each round runs only what is new.
+
+    ``evaluate(plan, budgets) -> {set name: {"points": [...]}}`` runs plan[method][lr] = the
+    largest budget to spend, recording a point at each of ``budgets[method]`` up to it."""
+    kinds = {fs.kind for fs in select_sets}
+    if len(kinds) != 1:
+        raise ValueError(f"widen_until_interior searches one kind of select set at a time, got {sorted(kinds)}")
+    kind = kinds.pop()
     grids = {m: sorted(float(v) for v in g) for m, g in lrs.items()}
-    results = evaluate(grids)
-    widenings = 0
+    budgets = {m: sorted(float(b) for b in budgets) for m in grids}
+    results: dict = {}
+    tried: dict[tuple[str, float], set[float]] = {}
+
+    def run(plan: dict[str, dict[float, float]]) -> None:
+        for name, res in evaluate(plan, budgets).items():
+            new = [pt for pt in res["points"] if pt["lr"] not in tried.get((pt["method"], pt["budget"]), ())]
+            results.setdefault(name, {**res, "points": []})["points"] += new
+        for method, by_lr in plan.items():
+            for lr, top in by_lr.items():
+                for b in budgets[method]:
+                    if b <= top:
+                        tried.setdefault((method, b), set()).add(lr)
+
+    run({m: {lr: budgets[m][-1] for lr in g} for m, g in grids.items()})
+    lr_rounds, budget_rounds = 0, dict.fromkeys(grids, 0)
     while True:
-        choices = choose(results, select_sets)
-        on_edge = {}
-        for method, grid in grids.items():
-            chosen = {lr for c in choices.values() for lr in c.per_budget.get(method, {}).values()}
-            if edges := sorted(chosen & {grid[0], grid[-1]}):
-                on_edge[method] = edges
-        new = {m: v for m, edges in on_edge.items() if (v := edge_extensions(grids[m], set(edges)))}
-        if not new or widenings == max_extensions:
-            return results, grids, on_edge
-        for name, res in evaluate(new).items():
-            results[name]["points"] += res["points"]
-        for m, v in new.items():
-            grids[m] = sorted(grids[m] + v)
-        widenings += 1
+        choice = choose(results, select_sets)[kind]
+        work: dict[str, dict[float, float]] = {}
+        lrs_on_edge: dict[str, set[float]] = {}
+        beyond: dict[str, set[float]] = {}
+        for method, per_budget in choice.per_budget.items():
+            for b, lr in per_budget.items():
+                near = sorted(tried[method, b])
+                for side in [s for s, end in ((-1, near[0]), (1, near[-1])) if end == lr]:
+                    nxt = outward(grids[method], lr, side)
+                    if nxt not in grids[method]:
+                        if lr_rounds == max_lr_extensions:
+                            lrs_on_edge.setdefault(method, set()).add(lr)
+                            continue
+                        beyond.setdefault(method, set()).add(nxt)
+                    work.setdefault(method, {})[nxt] = max(work.get(method, {}).get(nxt, 0.0), b)
+        budget_on_edge = {}
+        for method, best in choice.best.items():
+            if best is None or best[1] != budgets[method][-1]:
+                continue
+            if budget_rounds[method] == max_budget_extensions:
+                budget_on_edge[method] = best[1]
+                continue
+            budgets[method].append(2 * best[1])
+            budget_rounds[method] += 1
+            i = grids[method].index(best[0])
+            for lr in grids[method][max(0, i - 1):i + 2]:
+                work.setdefault(method, {})[lr] = 2 * best[1]
+        if not work:
+            return Search(results, grids, budgets, {m: sorted(v) for m, v in lrs_on_edge.items()}, budget_on_edge)
+        for method, new in beyond.items():
+            grids[method] = sorted(grids[method] + sorted(new))
+        lr_rounds += bool(beyond)
+        run(work)
 
 
 class StoreRows:
@@ -267,9 +324,12 @@ def score_point(logits: torch.Tensor, y_all: torch.Tensor, oracle_margins: np.nd
 
 
 def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data: dict, problems: Sequence[Problem],
-                     u: dict, lrs: dict[str, Sequence[float]] | None = None, progress: bool = True) -> dict:
-    """Every fine-tuning method at each of its learning rates (``lrs``, default ``u['lrs']``) and
-    each compute budget of ``u['budgets']`` on each problem, plus do nothing, DM-direct and the floor.
+                     u: dict, plan: dict[str, dict[float, float]] | None = None, budgets: dict[str, Sequence[float]] | None = None,
+                     progress: bool = True) -> dict:
+    """Every fine-tuning method at each learning rate of ``plan`` ({method: {lr: largest budget}},
+    default every rate of ``u['lrs']`` to the largest of ``u['budgets']``), recorded at each of the
+    method's ``budgets`` (default ``u['budgets']``) up to that one, on each problem, plus do
+    nothing, DM-direct and the floor.
 
     A budget is fine-tuning compute in epoch-equivalents (examples processed / n_train), so
     methods are compared at equal compute: each runs the steps that spend it
@@ -284,11 +344,11 @@ def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data
     (epoch-equivalents), KLoM per split and accuracy per split; per-example KLoM and margins
     are kept under ``"_values"`` for the figures (dropped by :func:`jsonable`)."""
     settings = settings_from_params(u)
-    lrs = lrs or u["lrs"]
+    plan = plan or {m: dict.fromkeys(map(float, g), max(map(float, u["budgets"]))) for m, g in u["lrs"].items()}
+    budgets = budgets or dict.fromkeys(plan, u["budgets"])
     kp = u["klom"]
-    budgets = sorted(float(b) for b in u["budgets"])
     n_train = len(data["y_train"])
-    total = sum(len(v) for v in lrs.values()) * len(problems)
+    total = sum(len(v) for v in plan.values()) * len(problems)
     bar = progress_bar(total=total, desc="unlearning runs", unit="run", disable=not progress)
     out = {}
     for prob in problems:
@@ -308,11 +368,11 @@ def evaluate_methods(models: Sequence[nn.Module], own_logits: torch.Tensor, data
                "dm_direct": point(predicted, "dm_direct", 0.0), "points": [], "_splits": prob.splits,
                "oracle_accuracy": prob.oracle_accuracy}
         targets = {"om": prob.om_targets, "dmm": predicted[:, :n_train]}
-        for method, grid in lrs.items():
-            spend = budget_steps(method, sets, budgets, settings, n_train)
-            for lr in grid:
+        for method, by_lr in plan.items():
+            for lr, top in by_lr.items():
+                spend = budget_steps(method, sets, [b for b in map(float, budgets[method]) if b <= top], settings, n_train)
                 bar.set_postfix(set=prob.forget.name, method=method, lr=lr)
-                logits = unlearn(models, data["x_train"], data["y_train"], data["x_all"], method, float(lr), budgets,
+                logits = unlearn(models, data["x_train"], data["y_train"], data["x_all"], method, float(lr), list(spend),
                                  prob.forget.array, settings, targets.get(method))
                 res["points"] += [point(logits[b], method, float(lr), steps, spent, b) for b, (steps, spent) in spend.items()]
                 bar.update(1)
@@ -345,10 +405,14 @@ class Choice:
     per_budget: dict[str, dict[float, float]]
     best: dict[str, tuple[float, float] | None]
 
-    @property
-    def learning_rates(self) -> dict[str, list[float]]:
-        """The learning rates a reported set must run: every one chosen for some budget."""
-        return {m: sorted(set(v.values())) for m, v in self.per_budget.items() if v}
+    def plan(self) -> dict[str, dict[float, float]]:
+        """What a reported set must run: per method, each learning rate chosen for some budget, up
+        to the largest budget it is chosen for ({method: {lr: budget}})."""
+        out: dict[str, dict[float, float]] = {}
+        for m, per_budget in self.per_budget.items():
+            for b, lr in per_budget.items():
+                out.setdefault(m, {})[lr] = max(out.get(m, {}).get(lr, 0.0), b)
+        return out
 
 
 def choose(results: dict, select_sets: Sequence[ForgetSet]) -> dict[str, Choice]:
@@ -520,19 +584,38 @@ def extra_compute(om_oracles: int, train_epochs: int, attribution_models: int, a
 
 @dataclass
 class Comparison:
-    """Every method on the select sets (``selected``), the learning rates chosen on them per kind
-    of set (``choices``), every method at those rates on each reported set (``reported``, in the
-    params' order) with the choice that applies to it (``choice_of``), the summary, and the
-    learning-rate grids as widened on the select sets."""
+    """Every method on the select sets (``selected``), the settings chosen on them per kind of set
+    (``choices``), every method at those settings on each reported set (``reported``, in the
+    params' order) with the choice that applies to it (``choice_of``), the summary, and per kind
+    the search on its select sets (``searches``, :class:`Search`)."""
 
     selected: dict
     choices: dict[str, Choice]
     reported: dict
     choice_of: dict[str, Choice]
     summary: dict
-    lr_grids: dict[str, list[float]]  # per method, the grid after widening (widen_until_interior)
-    lrs_on_edge: dict[str, list[float]]  # chosen learning rates still on an edge (empty: every choice interior)
+    searches: dict[str, Search]
     dm_scale: dict[str, dict]  # per kind of set, the datamodels' alpha and scale chosen on the select sets (choose_dm_scale)
+
+    @property
+    def lr_grids(self) -> dict[str, dict[str, list[float]]]:
+        """Per kind, per method, the learning rates tried after widening."""
+        return {k: s.grids for k, s in self.searches.items()}
+
+    @property
+    def budgets(self) -> dict[str, dict[str, list[float]]]:
+        """Per kind, per method, the budgets tried (the params' then each doubling)."""
+        return {k: s.budgets for k, s in self.searches.items()}
+
+    @property
+    def lrs_on_edge(self) -> dict[str, dict[str, list[float]]]:
+        """Per kind, chosen learning rates still on an edge (empty: every choice interior)."""
+        return {k: s.lrs_on_edge for k, s in self.searches.items() if s.lrs_on_edge}
+
+    @property
+    def budgets_on_edge(self) -> dict[str, dict[str, float]]:
+        """Per kind, methods whose best budget is still the largest tried (empty: none)."""
+        return {k: s.budget_on_edge for k, s in self.searches.items() if s.budget_on_edge}
 
 
 def choose_dm_scale(own_logits: torch.Tensor, data: dict, select: Sequence[Problem], scales: Sequence[float],
@@ -578,30 +661,30 @@ def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: 
 
     problems = [replace(pr, contribution=chosen(pr)) if pr.forget.kind in dm_scale else pr for pr in problems]
     select = [pr for pr in problems if pr.forget.select]
-    selected, grids, on_edge = widen_until_interior(
-        u["lrs"], lambda lrs: evaluate_methods(models, own_logits, data, select, u, lrs=lrs), [pr.forget for pr in select],
-        int(u["max_grid_extensions"]))
-    if on_edge:
-        print(f"unlearning.lrs: after {u['max_grid_extensions']} widenings (unlearning.max_grid_extensions) these chosen "
-              f"learning rates still sit on their grid's edge: {on_edge}")
-    choices = choose(selected, [pr.forget for pr in select])
-    if top := {k: v for k, v in budgets_on_edge(choices, u["budgets"]).items() if v}:
-        print(f"unlearning.budgets: the best setting of these methods spends the largest budget, {max(u['budgets'])} "
-              f"epoch-equivalents, so more might still improve them: {top}")
+    searches, selected = {}, {}
+    for kind in sorted({pr.forget.kind for pr in select}):
+        of_kind = [pr for pr in select if pr.forget.kind == kind]
+        searches[kind] = widen_until_interior(
+            u["lrs"], u["budgets"], lambda plan, budgets: evaluate_methods(models, own_logits, data, of_kind, u, plan, budgets),
+            [pr.forget for pr in of_kind], int(u["max_grid_extensions"]), int(u["max_budget_extensions"]))
+        selected.update(searches[kind].results)
+    choices = {kind: choose(selected, [pr.forget for pr in select if pr.forget.kind == kind])[kind] for kind in searches}
+    for kind, s in searches.items():
+        if s.lrs_on_edge:
+            print(f"unlearning.lrs: after {u['max_grid_extensions']} widenings (unlearning.max_grid_extensions) these chosen "
+                  f"learning rates on {kind} sets still sit on their grid's edge: {s.lrs_on_edge}")
+        if s.budget_on_edge:
+            print(f"unlearning.budgets: after {u['max_budget_extensions']} doublings (unlearning.max_budget_extensions) the best "
+                  f"setting of these methods on {kind} sets still spends the largest budget: {s.budget_on_edge}")
     reported = {}
     for kind, choice in choices.items():
         reported.update(evaluate_methods(models, own_logits, data, [pr for pr in problems if not pr.forget.select
-                                                                    and pr.forget.kind == kind], u, lrs=choice.learning_rates))
+                                                                    and pr.forget.kind == kind], u, choice.plan(),
+                                         searches[kind].budgets))
     reported = {pr.forget.name: reported[pr.forget.name] for pr in problems if not pr.forget.select}
     choice_of = {pr.forget.name: choice_for(pr.forget, choices) for pr in problems if not pr.forget.select}
-    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra), grids, on_edge, dm_scale)
-
-
-def budgets_on_edge(choices: dict[str, Choice], budgets: Sequence[float]) -> dict[str, list[str]]:
-    """Per kind of set, the methods whose best (lr, budget) on the select sets spends the largest
-    budget: a method there might still improve with more compute."""
-    top = max(float(b) for b in budgets)
-    return {kind: sorted(m for m, best in c.best.items() if best and best[1] == top) for kind, c in choices.items()}
+    selected = {pr.forget.name: selected[pr.forget.name] for pr in select}
+    return Comparison(selected, choices, reported, choice_of, summarise(reported, choice_of, extra), searches, dm_scale)
 
 
 def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dict, comparison: Comparison,
@@ -611,8 +694,8 @@ def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dic
                 "margin_ridge": attribution.margin_ridge, "logit_ridge": attribution.logit_ridge, "seconds": attribution.seconds,
                 "lasso_check": lasso},
             "selection": {kind: {"lr_per_budget": jsonable(c.per_budget), "best": c.best} for kind, c in comparison.choices.items()},
-            "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge, "dm_scale": comparison.dm_scale,
-            "budgets_on_edge": budgets_on_edge(comparison.choices, u["budgets"]),
+            "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge, "budgets": comparison.budgets,
+            "budgets_on_edge": comparison.budgets_on_edge, "dm_scale": comparison.dm_scale,
             "extra_epochs": extra, **jsonable({k: v for k, v in comparison.summary.items() if k != "curves"}),
             "sets": jsonable(comparison.reported), "select_sets": jsonable(comparison.selected)}
 

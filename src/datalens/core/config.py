@@ -294,6 +294,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "unlearning.budgets": _float_list(0.0),
     "unlearning.lrs": _lrs,
     "unlearning.max_grid_extensions": _int(0),
+    "unlearning.max_budget_extensions": _int(0),
     "unlearning.dm_scales": _float_list(0.0),
     "unlearning.datamodel_alphas": Param(Annotated[list[Annotated[float, Field(**_FINITE, gt=0.0, lt=1.0)]], Field(strict=True, min_length=1)],
                                          "it must be a non-empty list of inclusion probabilities in (0, 1)"),
