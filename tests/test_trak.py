@@ -7,6 +7,7 @@ from datalens.evaluation.metrics import linear_datamodeling_score
 from datalens.tasks.classification import ClassificationTask
 from datalens.tasks.gradients import per_example_gradients
 from datalens.attribution.projection import Projector, int8_slices
+from tiny_models import trained_digits_mlp
 from datalens.attribution.trak import ModelFeatures, ScoreStore, featurize, score_blocks, soft_threshold, trak_scores
 
 TASK = ClassificationTask()
@@ -186,16 +187,10 @@ def test_scores_over_the_memory_budget_stream_into_a_store_by_target_blocks(tmp_
 
 def test_projected_trak_approaches_unprojected_trak_as_k_grows():
     from datalens.core.data import load_digits
-    torch.manual_seed(0)
     ds = load_digits()
     x, y = torch.as_tensor(ds.x_train[:300]).float(), torch.as_tensor(ds.y_train[:300])
     xs, ys = torch.as_tensor(ds.x_test[:40]).float(), torch.as_tensor(ds.y_test[:40])
-    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 10))  # 310 parameters
-    opt = torch.optim.Adam(model.parameters(), 0.01)
-    for _ in range(200):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model = trained_digits_mlp(x, y, seed=0, steps=200)
     raw = featurize(TASK, model, x, y, xs, ys, None, seed=0, model_index=0, dtype=torch.float64)
     lam = 0.1 * float((raw.train ** 2).sum()) / raw.train.shape[1]
     exact = trak_scores([raw], 0.1)

@@ -13,7 +13,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from trak import TRAKer
 from trak.projectors import NoOpProjector
@@ -21,19 +20,9 @@ from trak.projectors import NoOpProjector
 from datalens.attribution.trak import featurize, trak_scores
 from datalens.core.data import load_digits
 from datalens.tasks.classification import ClassificationTask
+from tiny_models import trained_digits_mlp
 
 TASK = ClassificationTask()
-
-
-def _trained_mlp(seed, x, y):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU(), nn.Linear(4, 10))  # 310 parameters
-    opt = torch.optim.Adam(model.parameters(), 0.01)
-    for _ in range(100):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
 
 
 def _reference_scores(model, x, y, xs, ys, lambda_reg, save_dir):
@@ -56,7 +45,7 @@ def test_unprojected_trak_equals_the_reference_implementation(seed, tmp_path):
     ds = load_digits()
     x, y = torch.as_tensor(ds.x_train[:60]).float(), torch.as_tensor(ds.y_train[:60])
     xs, ys = torch.as_tensor(ds.x_test[:20]).float(), torch.as_tensor(ds.y_test[:20])
-    model = _trained_mlp(seed, x, y)
+    model = trained_digits_mlp(x, y, seed, steps=100)
     ridge = 0.1
     feats = featurize(TASK, model, x, y, xs, ys, None, seed=0, model_index=0, dtype=torch.float64)
     ours = trak_scores([feats], ridge)
