@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test lab bench venv clean-venv browser
+.PHONY: repro test lab bench venv clean-venv browser gpu-wheels
 
 NO_DEPS := $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['datalens']['install-without-deps']))")
 
@@ -48,7 +48,15 @@ $(VENV)/.bench-installed: $(STAMP)
 # Benchmarks read the stores the pipeline makes (dvc repro is a no-op when they are current).
 bench: $(VENV)/.bench-installed repro
 	@mkdir -p reports/bench
-	@set -e; for b in benchmarks/*.py; do echo "== $$b"; PATH=$(BIN):$$PATH $(BIN)/python $$b; done
+	@set -e; for b in benchmarks/*.py; do [ $$b = benchmarks/gpu_smoke.py ] && continue; \
+	  echo "== $$b"; PATH=$(BIN):$$PATH $(BIN)/python $$b; done   # gpu_smoke needs a GPU: benchmarks/gpu_smoke.sh
 
-clean-venv:
-	rm -rf $(VENV)
+# Wheels of what a GPU machine's own torch image lacks (zarr, pydantic and theirs, at this venv's
+# versions; not numpy or torch, which it has), for Python 3.12 on x86-64 Linux, into .gpu-wheels/ to
+# carry there (benchmarks/gpu_smoke.sh installs them with WHEELS=.gpu-wheels).
+GPU_PY ?= 3.12
+GPU_WHEELS := zarr numcodecs donfig google-crc32c pydantic pydantic_core annotated-types typing-inspection
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d .gpu-wheels $$($(BIN)/pip freeze --all | grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==')

@@ -31,10 +31,11 @@ def cpu_info() -> dict:
             "torch_vnni": bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())}
 
 
-def write_result(name: str, result: dict) -> Path:
+def write_result(name: str, result: dict, directory: Path | None = None) -> Path:
+    """``directory/NAME.json`` (default ``reports/bench/``), with this machine's facts added."""
     result = {**result, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                     "threads": torch.get_num_threads(), "cpu": cpu_info()}}
-    out = ROOT / "reports" / "bench" / f"{name}.json"
+    out = Path(directory or ROOT / "reports" / "bench") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.sparse.linalg import cg
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,6 +73,35 @@ def test_influence_explicit_and_cg_match_the_inverse_hessian_formula():
     if lowest + damping < 0:
         with pytest.raises(ValueError, match="not positive definite"):
             influence_cg(TASK, model, x_tr, y_tr, mask, x_t, y_t, damping)
+
+
+def _tiny_hessian(model, x_tr, y_tr, mask):
+    params = list(model.parameters())
+    sizes, shapes = [p.numel() for p in params], [p.shape for p in params]
+
+    def loss(v):
+        w1, b1, w2, b2 = (t.reshape(s) for t, s in zip(torch.split(v, sizes), shapes))
+        return F.cross_entropy(torch.tanh(x_tr[mask] @ w1.T + b1) @ w2.T + b2, y_tr[mask])
+
+    return torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for p in params])).numpy()
+
+
+@pytest.mark.parametrize("iters", [4, 300])
+def test_cg_over_a_grid_of_dampings_equals_scipys_cg_run_for_each_and_drops_the_indefinite_ones(iters):
+    model, x_tr, y_tr, x_t, y_t = _tiny()
+    mask = np.arange(20) % 3 != 0
+    hess = _tiny_hessian(model, x_tr, y_tr, mask)
+    helpful, target = (v.numpy() for v in _direct_vectors(model, x_tr, y_tr, x_t, y_t))
+    lowest = np.linalg.eigvalsh(hess).min()
+    assert lowest < 0  # the tiny model's loss is non-convex, so the smallest damping below is indefinite
+    pd = [-lowest + 0.01, -lowest + 0.1, -lowest + 1.0]
+    dampings = [max(0.0, -lowest - 0.05)] + pd
+    got = influence_cg(TASK, model, x_tr, y_tr, mask, x_t, y_t, dampings, iters=iters, tol=1e-12)
+    assert sorted(got) == pd
+    for d in pd:  # scipy's CG from zero, the same number of steps (or converged), one target at a time
+        system = hess + d * np.eye(len(hess))
+        solves = np.stack([cg(system, col, x0=np.zeros_like(col), rtol=1e-14, atol=0.0, maxiter=iters)[0] for col in target], 1)
+        np.testing.assert_allclose(got[d], helpful @ solves, rtol=1e-6, atol=1e-8)
 
 
 def test_representation_similarity_is_cosine_of_penultimate_features():

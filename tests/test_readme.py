@@ -100,9 +100,12 @@ def unlearning_claims(u: dict, params: dict) -> list[str]:
                f"{ds['component']['scores']['0.9']['3.0']:.2f}")
     out.append("`lrs_on_edge` is empty" if not u["lrs_on_edge"] else f"`lrs_on_edge`: {u['lrs_on_edge']}")
     base = max(params["unlearning"]["budgets"])
-    grown = {k: sorted(m for m, b in by.items() if max(b) > base) for k, by in u["budgets"].items()}
-    out.append(f"doubled to {max(max(b) for by in u['budgets'].values() for b in by.values()):g} epoch-equivalents for "
-               f"{', '.join(grown['random'])} on random sets and {', '.join(grown['component'])} on coherent ones")
+    for kind, label in (("random", "random"), ("component", "coherent")):
+        grown = {m: max(b) for m, b in u["budgets"][kind].items() if max(b) > base}
+        out.append(f"on {label} sets: " + (", ".join(f"{m} to {b:g}" for m, b in sorted(grown.items())) if grown else "none"))
+        flat = u["budgets_flat"].get(kind, {})
+        out.append(f"flat on {label} sets: " + (", ".join(f"{m} at {f['budget']:g} (gain {f['gain']:.2f}, standard error {f['se']:.2f})"
+                                                          for m, f in sorted(flat.items())) if flat else "none"))
     edge = u["budgets_on_edge"]
     out.append("`budgets_on_edge` is empty" if not edge else "`budgets_on_edge`: " + "; ".join(
         f"{', '.join(sorted(by))} on {'coherent' if k == 'component' else k} sets" for k, by in sorted(edge.items())))

@@ -4,6 +4,7 @@ import copy
 from dataclasses import replace
 
 import numpy as np
+import scipy.stats
 import pytest
 import torch
 from scipy.stats import entropy
@@ -227,12 +228,12 @@ def test_a_store_without_logits_is_refused_when_logits_are_asked_for(root, tmp_p
         prepare_store(replace(run, record_logits=True))
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet9"])
-def test_the_stacked_forward_equals_each_model_alone(name):
+@pytest.mark.parametrize("name,count,block", [("mlp", 3, 2 ** 20), ("mlp", 7, 16 * 256 * 2), ("resnet9", 3, 2 ** 20)])
+def test_the_stacked_forward_equals_each_model_alone(name, count, block):
     shape = (64,) if name == "mlp" else (3, 8, 8)
-    models = [build_model(name, shape, 10, hidden=[16], width=4).eval() for _ in range(3)]
-    x = torch.randn(5, *shape)
-    stacked = ModelStack(models).outputs(x)
+    models = [build_model(name, shape, 10, hidden=[16], width=4).eval() for _ in range(count)]
+    x = torch.randn(600 if name == "mlp" else 5, *shape)  # MLPs: three chunks of examples
+    stacked = ModelStack(models).outputs(x, block=block)  # the second case: blocks of two models
     with torch.no_grad():
         alone = torch.stack([m(x) for m in models])
     torch.testing.assert_close(stacked, alone, rtol=1e-5, atol=1e-5)
@@ -342,6 +343,51 @@ def test_a_method_still_improving_at_its_largest_budget_gets_a_larger_one(best_b
     assert set(choice.per_budget["gd"]) == set(budgets) and set(choice.per_budget["gd"].values()) == {0.003}
     for c in calls[1:]:  # a doubled budget runs the best rate and its two neighbours only
         assert sorted(c["gd"]) == [0.001, 0.003, 0.01] and len(set(c["gd"].values())) == 1
+
+
+def test_resampled_scores_spread_like_the_asymptotic_standard_error_of_a_95th_percentile_and_pair_their_draws():
+    n = 2000  # for one split, the score is the 95th percentile: SE ~ sqrt(p (1 - p) / n) / density at the quantile
+    expected = np.sqrt(0.95 * 0.05 / n) / scipy.stats.norm.pdf(scipy.stats.norm.ppf(0.95))
+    samples = [np.random.default_rng(k).standard_normal(n) for k in range(30)]  # one sample's bootstrap SE is itself noisy
+    ses = [unlearning_comparison.resampled_scores(v, {"forget": np.arange(n)}, seed=0).std(ddof=1) for v in samples]
+    assert abs(np.mean(ses) / expected - 1) < 0.1
+    a = unlearning_comparison.resampled_scores(samples[0], {"forget": np.arange(n)}, seed=0)
+    b = unlearning_comparison.resampled_scores(samples[0] + 1.0, {"forget": np.arange(n)}, seed=0)
+    np.testing.assert_allclose(b - a, 1.0)  # the same draws for every point: a shift has no noise
+
+
+def test_difference_ses_equal_a_direct_paired_bootstrap_of_the_two_points():
+    rng = np.random.default_rng(1)
+    splits = {"forget": np.arange(10), "retain": np.arange(10, 60), "validation": np.arange(60, 90)}
+    a, b = rng.gamma(2.0, size=90), rng.gamma(2.0, size=90)
+    res = {"select_r": {"_splits": splits, "points": [{"method": "gd", "lr": 0.1, "budget": 1.0, "_values": {"klom": a}},
+                                                      {"method": "gd", "lr": 0.1, "budget": 2.0, "_values": {"klom": b}}]}}
+    got = unlearning_comparison.difference_ses(res, ["select_r"], "gd", (0.1, 2.0), [(0.1, 1.0)], seed=5)[(0.1, 1.0)]
+    draws = np.random.default_rng([5, 44])  # the same draws, made here: split by split, SE_DRAWS resamples each
+    idx = [s[draws.integers(0, len(s), (unlearning_comparison.SE_DRAWS, len(s)))] for s in splits.values()]
+    score = lambda v: np.max([np.percentile(v[i], 95, axis=1) for i in idx], axis=0)  # noqa: E731
+    assert got == pytest.approx(np.std(score(a) - score(b), ddof=1))
+
+
+@pytest.mark.parametrize("noise,flat", [(0.0, False), (100.0, True)])
+def test_a_largest_budget_that_gained_only_noise_is_not_doubled(noise, flat):
+    evaluate, _ = _synthetic_selection(0.003, best_budget=64.0)  # keeps improving with every budget
+    rng = np.random.default_rng(0)
+
+    def with_examples(plan, budgets):  # per-example KLoM: the point's score plus example noise of a given spread
+        out = evaluate(plan, budgets)
+        out["select_r"]["_splits"] = {s: np.arange(40) for s in unlearning.SPLITS}
+        for pt in out["select_r"]["points"]:
+            pt["_values"] = {"klom": pt["klom"]["forget"]["p95"] + noise * rng.standard_normal(40)}
+        return out
+
+    search = unlearning_comparison.widen_until_interior({"gd": [0.001, 0.003, 0.01]}, [0.5, 1.0], with_examples, SELECT, 6, 2)
+    assert search.choice.best["gd"] == (0.003, 1.0 if flat else 4.0)  # the lowest score, as always
+    if flat:  # 0.5 -> 1 gained 2 log2-units squared, far less than the noise: the curve is flat within it, not on an edge
+        assert search.budgets["gd"] == [0.5, 1.0] and search.budget_on_edge == {} and set(search.budget_flat) == {"gd"}
+        assert search.budget_flat["gd"]["gain"] <= search.budget_flat["gd"]["se"]
+    else:
+        assert search.budgets["gd"] == [0.5, 1.0, 2.0, 4.0] and search.budget_on_edge == {"gd": 4.0} and search.budget_flat == {}
 
 
 def test_a_reported_set_runs_each_chosen_rate_only_as_far_as_the_largest_budget_it_is_chosen_for():

@@ -167,14 +167,9 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
                                                 param_names=baselines.last_layer_params(models[0]))
     best, _ = cmp.select(candidates)
     cmp.add("influence_explicit", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="last layer")
-    # CG over all parameters, from the largest damping down: stop at the first indefinite system
+    # CG over all parameters: every damping from one Krylov sequence; those whose system is indefinite drop out
     t0 = time.perf_counter()
-    candidates = {}
-    for d in sorted(dampings, reverse=True):
-        try:
-            candidates[d] = baselines.influence_cg(task, models[0], x_tr, y_tr, mask, x_te, y_te, damping=d, iters=cg_iters)
-        except ValueError:
-            break
+    candidates = baselines.influence_cg(task, models[0], x_tr, y_tr, mask, x_te, y_te, damping=list(dampings), iters=cg_iters)
     if candidates:
         best, _ = cmp.select(candidates)
         cmp.add("influence_cg", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="all")

@@ -26,7 +26,6 @@ default is KL(unlearned || oracle), the first published one.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -81,9 +80,8 @@ def klom(unlearned: np.ndarray, oracle: np.ndarray, bins: int = 20, clip: float 
 
     def hist(v: np.ndarray) -> np.ndarray:
         idx = np.clip(np.floor((v - lo) / width).astype(np.int64), 0, bins - 1)  # the top edge joins the last bin
-        counts = np.zeros((v.shape[1], bins))
-        np.add.at(counts, (np.broadcast_to(np.arange(v.shape[1]), v.shape), idx), 1.0)
-        p = counts / len(v)
+        flat = (np.arange(v.shape[1]) * bins + idx).ravel()  # (example, bin) as one index: bincount, not np.add.at
+        p = np.bincount(flat, minlength=v.shape[1] * bins).reshape(v.shape[1], bins) / len(v)
         p[p == 0] = floor
         return p / p.sum(1, keepdims=True)
 
@@ -306,7 +304,8 @@ def unlearn(models: Sequence[nn.Module], x_train: torch.Tensor, y_train: torch.T
 def _unlearn_stack(models, x_train, y_train, x_eval, method, lr, snapshots, sets, settings, targets) -> dict[int, torch.Tensor]:
     """Fine-tune one :class:`~datalens.training.engine.ModelStack` for ``snapshots[-1]`` steps;
     {steps: logits (M, n_eval, C)} after each step count in ``snapshots``."""
-    stack = ModelStack([copy.deepcopy(m).eval() for m in models])  # batch-norm statistics stay frozen
+    stack = ModelStack(models)  # stacks copies of the weights: the models themselves are not touched
+    stack.base.eval()  # batch-norm statistics stay frozen
     teacher = stack.outputs(x_eval)[:, :len(x_train)] if method == "scrub" else None  # x_eval starts with x_train
     params = list(stack.params.values())
     opt = torch.optim.Adam(params, lr=lr) if method in ADAM_METHODS else torch.optim.SGD(params, lr=lr, momentum=settings.momentum)

@@ -23,6 +23,7 @@ from datalens.applications.unlearning import (FINE_TUNED, SPLITS, ForgetSet, acc
                                  datamodel_run, example_sets, indicators, klom, klom_summary, logit_columns, make_forget_sets, margins,
                                  predicted_logits, settings_from_params, split_indices, unlearn)
 
+SE_DRAWS = 200  # resamples of the examples behind a selection score's standard error (the one-SE budget rule)
 
 # -- choosing hyperparameters on the selection sets only ---------------------------------------
 
@@ -59,24 +60,31 @@ class Search:
     """The settings tried on one kind's select sets, as :func:`widen_until_interior` leaves them:
     per method the learning-rate grid and the budgets (epoch-equivalents, the params' then each
     doubling), and what is still on an edge once the widenings allowed are spent: learning rates
-    (``lrs_on_edge[method]``) and the best budget (``budget_on_edge[method]``)."""
+    (``lrs_on_edge[method]``) and the best budget (``budget_on_edge[method]``); the best budgets
+    that are the largest but gained less than the noise on the last doubling (``budget_flat[method]``:
+    {"budget", "gain", "se"}); ``choice``, the choice on the final results."""
 
     results: dict
     grids: dict[str, list[float]]
     budgets: dict[str, list[float]]
     lrs_on_edge: dict[str, list[float]]
     budget_on_edge: dict[str, float]
+    budget_flat: dict[str, dict[str, float]]
+    choice: "Choice"
 
 
 def widen_until_interior(lrs: dict[str, Sequence[float]], budgets: Sequence[float], evaluate, select_sets: Sequence[ForgetSet],
-                         max_lr_extensions: int, max_budget_extensions: int) -> Search:
+                         max_lr_extensions: int, max_budget_extensions: int, seed: int = 0) -> Search:
     """Evaluate every method on one kind's select sets and widen its settings until no choice sits
     on an edge. Per budget, the chosen learning rate (:func:`choose_per_budget`) must have a
     tried neighbour on both sides (a diverged one counts: it is never chosen, so a grid whose next
     step diverges ends there); beyond the grid's ends a new rate is one more step, at most
     ``max_lr_extensions`` rounds. A method whose best (lr, budget) spends its largest budget gets
     a budget twice as large, tried at that rate and its two neighbours, at most
-    ``max_budget_extensions`` times. Each round runs only what is new.
+    ``max_budget_extensions`` times, unless the last doubling gained no more than one standard
+    error of the paired difference (:func:`difference_ses`, resampled from ``seed``): the curve
+    is flat within noise there, so a larger budget would not change the choice beyond it (in
+    ``budget_flat``). Each round runs only what is new.
 
     ``evaluate(plan, budgets) -> {set name: {"points": [...]}}`` runs plan[method][lr] = the
     largest budget to spend, recording a point at each of ``budgets[method]`` up to it."""
@@ -101,8 +109,10 @@ def widen_until_interior(lrs: dict[str, Sequence[float]], budgets: Sequence[floa
 
     run({m: {lr: budgets[m][-1] for lr in g} for m, g in grids.items()})
     lr_rounds, budget_rounds = 0, dict.fromkeys(grids, 0)
+    names = [fs.name for fs in select_sets]
     while True:
         choice = choose(results, select_sets)[kind]
+        scores_of = selection_scores(results, names)
         work: dict[str, dict[float, float]] = {}
         lrs_on_edge: dict[str, set[float]] = {}
         beyond: dict[str, set[float]] = {}
@@ -117,10 +127,19 @@ def widen_until_interior(lrs: dict[str, Sequence[float]], budgets: Sequence[floa
                             continue
                         beyond.setdefault(method, set()).add(nxt)
                     work.setdefault(method, {})[nxt] = max(work.get(method, {}).get(nxt, 0.0), b)
-        budget_on_edge = {}
+        budget_on_edge, budget_flat = {}, {}
         for method, best in choice.best.items():
             if best is None or best[1] != budgets[method][-1]:
                 continue
+            if len(budgets[method]) > 1:  # did the last doubling gain more than the noise?
+                before = budgets[method][-2]
+                if before in choice.per_budget[method]:
+                    key = (choice.per_budget[method][before], before)
+                    gain = scores_of[method][key] - scores_of[method][best]
+                    se = difference_ses(results, names, method, best, [key], seed)[key]
+                    if gain <= se:
+                        budget_flat[method] = {"budget": best[1], "gain": gain, "se": se}
+                        continue
             if budget_rounds[method] == max_budget_extensions:
                 budget_on_edge[method] = best[1]
                 continue
@@ -130,7 +149,7 @@ def widen_until_interior(lrs: dict[str, Sequence[float]], budgets: Sequence[floa
             for lr in grids[method][max(0, i - 1):i + 2]:
                 work.setdefault(method, {})[lr] = 2 * best[1]
         if not work:
-            return Search(results, grids, budgets, {m: sorted(v) for m, v in lrs_on_edge.items()}, budget_on_edge)
+            return Search(results, grids, budgets, {m: sorted(v) for m, v in lrs_on_edge.items()}, budget_on_edge, budget_flat, choice)
         for method, new in beyond.items():
             grids[method] = sorted(grids[method] + sorted(new))
         lr_rounds += bool(beyond)
@@ -304,6 +323,15 @@ def make_problem(forget: ForgetSet, oracle_store, num_models: int, om_oracles: i
                    accuracies(torch.as_tensor(logits[:num_models]), torch.as_tensor(labels), splits))
 
 
+def resampled_scores(values: np.ndarray, splits: dict[str, np.ndarray], seed: int, draws: int = SE_DRAWS) -> np.ndarray:
+    """:func:`selection_score` of per-example KLoM ``values`` (n_all,) on ``draws`` resamples of
+    each split's examples (with replacement, from ``seed``: the same draws for every point of a
+    set, so two points' differences are paired): (draws,)."""
+    rng = np.random.default_rng([seed, 44])
+    per_split = [np.percentile(values[idx[rng.integers(0, len(idx), (draws, len(idx)))]], 95, axis=1) for idx in splits.values()]
+    return np.max(per_split, axis=0)
+
+
 def score_point(logits: torch.Tensor, y_all: torch.Tensor, oracle_margins: np.ndarray, splits: dict[str, np.ndarray],
                 klom_params: dict) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """KLoM summary and accuracy per split of one point, its per-example KLoM (n_all,) and the
@@ -395,6 +423,24 @@ def selection_scores(results: dict, select_sets: Sequence[str]) -> dict[str, dic
         for pt in results[name]["points"]:
             scores.setdefault(pt["method"], {}).setdefault((pt["lr"], pt["budget"]), []).append(selection_score(pt))
     return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in scores.items()}
+
+
+def difference_ses(results: dict, select_sets: Sequence[str], method: str, best: tuple[float, float],
+                   keys: Sequence[tuple[float, float]], seed: int = 0) -> dict[tuple[float, float], float]:
+    """For each (lr, budget) in ``keys``, the standard error of its mean selection score minus
+    ``best``'s over resamples of the select sets' examples (:func:`resampled_scores`, paired).
+    0 where the points keep no per-example KLoM (``_values``) or a score is not finite."""
+    diffs: dict[tuple[float, float], list[np.ndarray]] = {}
+    for name in select_sets:
+        res = results[name]
+        by_key = {(pt["lr"], pt["budget"]): pt for pt in res["points"] if pt["method"] == method}
+        if "_splits" not in res or "_values" not in by_key.get(best, {}):
+            return dict.fromkeys(keys, 0.0)
+        ref = resampled_scores(by_key[best]["_values"]["klom"], res["_splits"], seed)
+        for k in keys:
+            diffs.setdefault(k, []).append(resampled_scores(by_key[k]["_values"]["klom"], res["_splits"], seed) - ref)
+    out = {k: float(np.mean(v, axis=0).std(ddof=1)) for k, v in diffs.items()}
+    return {k: se if np.isfinite(se) else 0.0 for k, se in out.items()}
 
 
 @dataclass
@@ -614,8 +660,15 @@ class Comparison:
 
     @property
     def budgets_on_edge(self) -> dict[str, dict[str, float]]:
-        """Per kind, methods whose best budget is still the largest tried (empty: none)."""
+        """Per kind, methods whose best budget is still the largest tried and still gaining beyond
+        the noise (empty: none)."""
         return {k: s.budget_on_edge for k, s in self.searches.items() if s.budget_on_edge}
+
+    @property
+    def budgets_flat(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Per kind, methods whose best budget is the largest tried but whose last doubling gained
+        no more than one standard error: {kind: {method: {"budget", "gain", "se"}}}."""
+        return {k: s.budget_flat for k, s in self.searches.items() if s.budget_flat}
 
 
 def choose_dm_scale(own_logits: torch.Tensor, data: dict, select: Sequence[Problem], scales: Sequence[float],
@@ -666,9 +719,9 @@ def run_comparison(models: Sequence[nn.Module], own_logits: torch.Tensor, data: 
         of_kind = [pr for pr in select if pr.forget.kind == kind]
         searches[kind] = widen_until_interior(
             u["lrs"], u["budgets"], lambda plan, budgets: evaluate_methods(models, own_logits, data, of_kind, u, plan, budgets),
-            [pr.forget for pr in of_kind], int(u["max_grid_extensions"]), int(u["max_budget_extensions"]))
+            [pr.forget for pr in of_kind], int(u["max_grid_extensions"]), int(u["max_budget_extensions"]), int(u["seed"]))
         selected.update(searches[kind].results)
-    choices = {kind: choose(selected, [pr.forget for pr in select if pr.forget.kind == kind])[kind] for kind in searches}
+    choices = {kind: s.choice for kind, s in searches.items()}
     for kind, s in searches.items():
         if s.lrs_on_edge:
             print(f"unlearning.lrs: after {u['max_grid_extensions']} widenings (unlearning.max_grid_extensions) these chosen "
@@ -695,7 +748,7 @@ def stage_metrics(num_models: int, u: dict, attribution: Attribution, lasso: dic
                 "lasso_check": lasso},
             "selection": {kind: {"lr_per_budget": jsonable(c.per_budget), "best": c.best} for kind, c in comparison.choices.items()},
             "lr_grids": comparison.lr_grids, "lrs_on_edge": comparison.lrs_on_edge, "budgets": comparison.budgets,
-            "budgets_on_edge": comparison.budgets_on_edge, "dm_scale": comparison.dm_scale,
+            "budgets_on_edge": comparison.budgets_on_edge, "budgets_flat": comparison.budgets_flat, "dm_scale": comparison.dm_scale,
             "extra_epochs": extra, **jsonable({k: v for k, v in comparison.summary.items() if k != "curves"}),
             "sets": jsonable(comparison.reported), "select_sets": jsonable(comparison.selected)}
 

@@ -129,42 +129,90 @@ def influence_explicit(task: Task, model, x_train, y_train, train_mask, x_target
 
 
 def influence_cg(task: Task, model, x_train, y_train, train_mask, x_targets, y_targets, damping=1e-3, param_names=None,
-                 iters: int = 100, tol: float = 1e-8) -> np.ndarray:
+                 iters: int = 100, tol: float = 1e-8):
     """Influence by conjugate gradient on (H + damping I) v = grad f_x, all targets at once,
     with Hessian-vector products (forward-over-reverse); never forms H. CG needs
     H + damping I positive definite: a clear error says when damping is too small.
-    Works on a float64 copy: the caller's model is left as it is."""
+    Works on a float64 copy: the caller's model is left as it is.
+
+    ``damping`` may be a list: then {damping: scores} for every damping whose system stayed
+    positive definite, all from one Krylov sequence (:func:`_multishift_cg`), so a grid of
+    dampings costs the Hessian-vector products of one."""
     model = copy.deepcopy(model).eval().double()
     names = list(param_names) if param_names is not None else [n for n, _ in model.named_parameters()]
     mask = torch.as_tensor(np.asarray(train_mask, bool), device=x_train.device)
     loss, flat0 = _training_loss_fn(task, model, x_train[mask].double(), y_train[mask], names)
-    g = grad(loss)
-
-    hvp = vmap(lambda u: jvp(g, (flat0,), (u,))[1], in_dims=1, out_dims=1)
-
-    def hvp_block(v):  # v: (d, t)
-        return hvp(v) + damping * v
-
+    hvp = vmap(lambda u: jvp(grad(loss), (flat0,), (u,))[1], in_dims=1, out_dims=1)
     b = per_example_gradients(model, x_targets.double(), y_targets, task, param_names=names, dtype=torch.float64).T
-    v = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum(0)
-    for _ in range(iters):
-        hp = hvp_block(p)
-        curvature = (p * hp).sum(0)
-        if bool((curvature <= 0).any()):
-            raise ValueError(f"H + damping I is not positive definite (the model's loss is non-convex here); raise damping above {damping}")
-        alpha = rs / curvature
-        v += alpha * p
-        r -= alpha * hp
-        rs_new = (r * r).sum(0)
-        if float(rs_new.max().sqrt()) <= tol * float(b.norm(dim=0).max()):
-            break
-        p = r + (rs_new / rs.clamp_min(1e-300)) * p
-        rs = rs_new
+    solutions = _multishift_cg(hvp, b, sorted({float(d) for d in np.atleast_1d(damping)}), iters, tol)
+    if not isinstance(damping, (list, tuple)) and not solutions:
+        raise ValueError(f"H + damping I is not positive definite (the model's loss is non-convex here); raise damping above {damping}")
     gi = _helpful_grads(task, model, x_train.double(), y_train, names)
-    return (gi @ v).cpu().numpy()
+    out = {d: (gi @ v).cpu().numpy() for d, v in solutions.items()}
+    return out if isinstance(damping, (list, tuple)) else out[float(damping)]
+
+
+def _multishift_cg(hvp, b: torch.Tensor, shifts: Sequence[float], iters: int, tol: float) -> dict[float, torch.Tensor]:
+    """CG on (A + s I) x = b for every shift s at once (Jegerlehner, 1996; Frommer, 2003): the
+    Krylov space of A + s I does not depend on s, so one CG run on the smallest shift (the seed)
+    gives every other shift's CG iterates from scalar recurrences, at no extra products with A.
+
+    hvp: v (d, t) -> A v; b: (d, t), one system per column. Each shift stops on its own when its
+    largest residual norm is at most ``tol`` times the largest ``||b||`` (as a CG run of its own
+    would), or after ``iters`` steps. A shift whose system shows non-positive curvature in a
+    column is dropped with every shift below it (as a run from the largest shift down stops at the
+    first indefinite system); when that is the seed, the next shift carries on as the seed from
+    its own iterate, so no product is spent twice. Returns {shift: x (d, t)} for the shifts kept.
+    """
+    shifts = sorted(shifts)
+    ones = torch.ones(b.shape[1], dtype=b.dtype, device=b.device)
+    # per shift: iterate x, direction p, residual scale zeta (its residual is zeta r, r the seed's),
+    # the previous zeta, and its previous alpha and beta (alpha_{-1} = 1, beta_{-1} = 0)
+    state = {s: {"x": torch.zeros_like(b), "p": b.clone(), "zeta": ones, "zeta_prev": ones, "alpha": ones, "beta": 0 * ones}
+             for s in shifts}
+    r, bound, running, first, step = b.clone(), tol * float(b.norm(dim=0).max()), set(shifts), 0, 0
+    while step < iters:  # a product that finds the seed indefinite is not a step of the shifts above it
+        seed = shifts[first]
+        sd = state[seed]
+        ap = hvp(sd["p"]) + seed * sd["p"]
+        curvature = (sd["p"] * ap).sum(0)
+        drop = seed if bool((curvature <= 0).any()) else None
+        if drop is None:
+            rs = (r * r).sum(0)
+            alpha = rs / curvature
+            r_next = r - alpha * ap
+            rs_next = (r_next * r_next).sum(0)
+            beta = rs_next / rs.clamp_min(1e-300)
+            steps = {seed: (ones, alpha, beta)}
+            for s in shifts[first + 1:]:  # the shifted systems' own alpha and beta follow from the seed's
+                z, zp = state[s]["zeta"], state[s]["zeta_prev"]
+                z_next = z * zp * sd["alpha"] / (alpha * sd["beta"] * (zp - z) + zp * sd["alpha"] * (1 + (s - seed) * alpha))
+                steps[s] = (z_next, alpha * z_next / z, beta * (z_next / z) ** 2)
+                if bool((steps[s][1] <= 0).any()):  # non-positive curvature of its own
+                    drop = s
+        if drop is not None:  # it and every shift below it go; the next carries on as the seed from where it is
+            first = shifts.index(drop) + 1
+            if first == len(shifts):
+                return {}
+            new = state[shifts[first]]
+            r = new["zeta"] * r
+            for s in shifts[first + 1:]:
+                state[s]["zeta"], state[s]["zeta_prev"] = state[s]["zeta"] / new["zeta"], state[s]["zeta_prev"] / new["zeta_prev"]
+            new["zeta"], new["zeta_prev"] = ones, ones
+            running &= set(shifts[first:])
+            continue
+        for s, (z_next, alpha_s, beta_s) in steps.items():
+            st = state[s]
+            if s in running:
+                st["x"] += alpha_s * st["p"]
+                if float((z_next.abs() * rs_next.sqrt()).max()) <= bound:
+                    running.discard(s)
+            st["p"] = z_next * r_next + beta_s * st["p"]
+            st["zeta_prev"], st["zeta"], st["alpha"], st["beta"] = st["zeta"], z_next, alpha_s, beta_s
+        r, step = r_next, step + 1
+        if not running:
+            break
+    return {s: state[s]["x"] for s in shifts[first:]}
 
 
 def empirical_influence(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
