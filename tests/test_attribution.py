@@ -8,7 +8,7 @@ from torch import nn
 
 from datalens.attribution.baselines import (
     ekfac_influence, empirical_influence, grad_cosine, grad_dot, influence_cg, influence_explicit, last_layer_params,
-    penultimate_features, representation_similarity, tracin,
+    params_within, penultimate_features, representation_similarity, tracin,
 )
 from datalens.core.models import build_model
 from datalens.tasks.classification import ClassificationTask, margins_from_logits
@@ -157,3 +157,18 @@ def test_ekfac_with_large_damping_is_grad_dot_over_the_damping():
     again = ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e-3])[1e-3]
     np.testing.assert_array_equal(again, scores[1e-3])
     assert not np.array_equal(ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e-3], seed=1)[1e-3], again)
+
+
+def test_gradient_baselines_keep_every_parameter_while_they_fit_and_else_the_trailing_tensors_that_do():
+    """(n + t) x d float64 gradients: an MLP 20 -> 16 -> 3 has tensors of 320, 16, 48 and 3 entries
+    (387 in all). For 100 examples a budget of all of them keeps all; one of 51 parameters keeps the
+    output layer (48 + 3) alone; one below the last tensor is refused before any gradient is taken."""
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    per_param = 100 * 8
+    assert params_within(model, 100, 387 * per_param) == (["0.weight", "0.bias", "2.weight", "2.bias"], "all")
+    names, label = params_within(model, 100, 51 * per_param + 7)
+    assert names == ["2.weight", "2.bias"] and label == "last 2 of 4 tensors (51 of 387 parameters)"
+    names, _ = params_within(model, 100, 67 * per_param)  # 16 more reach the hidden layer's bias, not its weight
+    assert names == ["0.bias", "2.weight", "2.bias"]
+    with pytest.raises(MemoryError, match=r"2\.bias\) for 100 examples"):
+        params_within(model, 100, 2 * per_param)

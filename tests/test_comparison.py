@@ -25,6 +25,16 @@ def test_every_model_a_method_uses_is_charged_at_the_same_rate():
     assert "7 validation models" in cmp.caption() and "500.0 ms" in cmp.caption()
 
 
+def test_only_the_scores_figures_draw_are_kept():
+    cmp, w = _cmp()
+    cmp.keep = {("trak", 5, 64)}
+    cmp.add("trak", 5, 1.0, w, selects=True, proj_dim=64)
+    cmp.add("trak", 5, 1.0, 2 * w, selects=True, proj_dim=32)
+    cmp.add("grad_dot", 1, 1.0, 3 * w, selects=False)
+    assert list(cmp.scores) == [("trak", 5, 64)] and cmp.scores[("trak", 5, 64)] is w
+    assert len(cmp.records) == 3
+
+
 def test_selection_uses_validation_models_only():
     """Validation models follow one truth and evaluation models another: a selector that peeked at
     the evaluation set would pick the other candidate."""

@@ -1,8 +1,13 @@
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import Lasso
 
+import datalens.attribution.datamodels as datamodels_module
 from datalens.attribution.datamodels import Datamodels, Moments, fit_datamodels, lasso_fista, load_fits, save_fits
 
 
@@ -20,7 +25,7 @@ def _planted(n_models=1200, n=60, targets=4, k=5, noise=0.1, seed=0):
 def test_objective_at_fixed_lambda_matches_sklearn_lasso():
     x, y, _ = _planted(n_models=300, n=40, targets=3, noise=0.5)
     mom = Moments.from_blocks([(x[:150], y[:150]), (x[150:], y[150:])])  # streamed in two blocks
-    mu, sigma, ybar, gram, cross = mom.standardised()
+    mu, sigma, ybar, gram, cross = (a.numpy() for a in mom.standardised())
     z = (x - mu) / sigma
     lam = 0.05
     ours = lasso_fista(torch.tensor(gram), torch.tensor(cross), torch.full((3,), lam, dtype=torch.float64),
@@ -68,6 +73,67 @@ def test_moments_mse_equals_direct_mse():
     mom = Moments.from_blocks([(x, y)])
     direct = ((x @ w + 0.1 - y) ** 2).mean(0)
     np.testing.assert_allclose(mom.mse(w, np.full(2, 0.1)), direct, rtol=1e-10)
+
+
+def test_moments_of_boolean_masks_hold_exact_float32_counts_and_standardise_like_numpy(monkeypatch):
+    """The Gram of boolean masks is kept as float32 counts, exactly the float64 Gram; past the
+    exactness bound (lowered here) the accumulation carries on in float64. Standardised, of one
+    set of moments or of two without summing them, it equals numpy's population z-scores."""
+    x, y, _ = _planted(n_models=90, n=12, targets=3, seed=7)
+    masks = x.astype(bool)
+    counts = Moments.from_blocks([(masks[:40], y[:40]), (masks[40:], y[40:])])
+    assert counts.sxx.dtype == torch.float32
+    np.testing.assert_array_equal(counts.sxx.double().numpy(), x.T @ x)
+    assert Moments.from_blocks([(x, y)]).sxx.dtype == torch.float64  # not boolean: float64 throughout
+    monkeypatch.setattr(datamodels_module, "EXACT_COUNTS", 60)
+    crossing = Moments.from_blocks([(masks[:40], y[:40]), (masks[40:], y[40:])])
+    assert crossing.sxx.dtype == torch.float64
+    np.testing.assert_array_equal(crossing.sxx.numpy(), x.T @ x)
+    a, b = Moments.from_blocks([(masks[:70], y[:70])]), Moments.from_blocks([(masks[70:], y[70:])])
+    for moments, plus in ((counts, None), (a, b)):
+        mu, sigma, ybar, gram, cross = (t.numpy() for t in moments.standardised(block=5, plus=plus))
+        z = (x - x.mean(0)) / x.std(0)
+        np.testing.assert_allclose(gram, z.T @ z / len(x), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(cross, z.T @ (y - y.mean(0)) / len(x), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(ybar, y.mean(0), rtol=1e-14)
+        np.testing.assert_allclose(sigma, x.std(0), rtol=1e-12)
+
+
+def _peak_growth_mib(code: str) -> float:
+    """Peak resident memory (MiB) a snippet adds, in a fresh interpreter: VmHWM after minus VmRSS before."""
+    script = textwrap.dedent(f"""
+        import numpy as np, torch
+        from pathlib import Path
+        from datalens.attribution.datamodels import Moments
+        def status(field):
+            return next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(field))
+        {textwrap.indent(textwrap.dedent(code), '        ').strip()}
+        before = status('VmRSS')
+        Path('/proc/self/clear_refs').write_text('5')
+        run()
+        print((status('VmHWM') - before) / 1024)
+    """)
+    return float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def test_standardising_holds_one_gram_beside_the_moments_not_the_several_temporaries_of_the_whole_array_formula():
+    """n = 2500: the float64 (n, n) Gram is 48 MiB. Standardised by blocks of 128 rows, the step adds
+    that one array and little else; the whole-array formula ((sxx / N - outer(mu, mu)) /
+    outer(sigma, sigma)) allocates three more of them, which this budget would not admit."""
+    setup = """
+        masks = np.random.default_rng(0).random((300, 2500)) < 0.5
+        mom = Moments.from_blocks([(masks, np.zeros((300, 1)))])
+        def run():
+            global out
+            out = mom.standardised(block=128)
+    """
+    whole = setup.replace("out = mom.standardised(block=128)", "n, s, mu = mom.count, mom.sxx.double(), mom.sx / mom.count\n"
+                          "            sd = torch.sqrt(torch.diagonal(s) / n - mu * mu)\n"
+                          "            out = (s / n - torch.outer(mu, mu)) / torch.outer(sd, sd)")
+    gram_mib = 2500 ** 2 * 8 / 2 ** 20
+    budget = 1.5 * gram_mib
+    assert _peak_growth_mib(setup) < budget
+    assert _peak_growth_mib(whole) > budget  # the budget does separate the two
 
 
 def test_zero_models_is_refused():
@@ -131,7 +197,7 @@ def test_refit_starts_from_the_solution_at_the_chosen_lambda():
     x, y, _ = _planted(n_models=600, n=40, targets=3, noise=0.3, seed=4)
     train, val = Moments.from_blocks([(x[:500], y[:500])]), Moments.from_blocks([(x[500:], y[500:])])
     _, diag = fit_datamodels(train, val, num_lambdas=25, max_iter=5000, tol=1e-10, progress=False)
-    mu, sigma, ybar, gram, cross = train.standardised()
+    mu, sigma, ybar, gram, cross = (a.numpy() for a in train.standardised())
     last = np.flatnonzero(~np.isnan(diag["val_mse_path"][:, 0]))[-1]
     assert diag["best_index"][0] < last  # the path went past the chosen lambda, so the two starts differ
     for t in range(3):

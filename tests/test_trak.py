@@ -1,3 +1,5 @@
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from datalens.tasks.classification import ClassificationTask
 from datalens.tasks.gradients import per_example_gradients
 from datalens.attribution.projection import Projector, int8_slices
 from tiny_models import trained_digits_mlp
+import datalens.attribution.trak as trak_module
 from datalens.attribution.trak import ModelFeatures, ScoreStore, featurize, score_blocks, soft_threshold, trak_scores
 
 TASK = ClassificationTask()
@@ -183,6 +186,65 @@ def test_scores_over_the_memory_budget_stream_into_a_store_by_target_blocks(tmp_
     np.testing.assert_array_equal(again.matrix(), stored.matrix())
     assert [a for a, _ in score_blocks(feats, 0.1, 16, only=set(again.missing_blocks()))] == []
     assert [a for a, _ in score_blocks(feats, 0.1, 16, only={1, 4})] == [16, 64]
+
+
+class _CountingFeatures:
+    """A lazy sequence of features that counts how many of its items are alive at once."""
+
+    def __init__(self, feats):
+        self.feats, self.alive, self.most_alive, self.reads = feats, 0, 0, 0
+
+    def __len__(self):
+        return len(self.feats)
+
+    def __getitem__(self, i):
+        f = self.feats[i]
+        item = ModelFeatures(f.train.clone(), f.targets.clone(), f.q.clone())
+        self.alive += 1
+        self.reads += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(item, self._dropped)
+        return item
+
+    def _dropped(self):
+        self.alive -= 1
+
+
+def test_scores_stream_over_models_holding_one_models_features_at_a_time():
+    """Eight models' features, of which memory may hold one: the streamed scores equal the
+    all-in-memory product of Algorithm 1 computed directly, and when the budget splits the
+    targets into groups each model is read once per group."""
+    gen = torch.Generator().manual_seed(1)
+    feats = [ModelFeatures(torch.randn(120, 30, generator=gen, dtype=torch.float64), torch.randn(50, 30, generator=gen, dtype=torch.float64),
+                           torch.rand(120, generator=gen, dtype=torch.float64)) for _ in range(8)]
+    direct = 0
+    for f in feats:
+        lam = 0.1 * float((f.train ** 2).sum()) / 30
+        direct = direct + f.train @ torch.linalg.solve(f.train.T @ f.train + lam * torch.eye(30, dtype=torch.float64), f.targets.T)
+    direct = (sum(f.q for f in feats) / 8)[:, None] * direct / 8
+    lazy = _CountingFeatures(feats)
+    np.testing.assert_allclose(trak_scores(lazy, ridge=0.1, target_block=10), direct.numpy(), rtol=1e-9, atol=1e-12)
+    assert lazy.most_alive == 1
+    grouped = _CountingFeatures(feats)
+    budget = 8 * 120 * 10 * 2  # two blocks of 10 targets at a time: three groups for 50 targets
+    blocks = dict(score_blocks(grouped, 0.1, 10, budget=budget))
+    np.testing.assert_allclose(np.concatenate([blocks[a] for a in sorted(blocks)], 1), direct.numpy(), rtol=1e-9, atol=1e-12)
+    assert grouped.most_alive == 1 and grouped.reads == 1 + 3 * 8  # the first read is for the shapes
+
+
+def test_a_gradient_budget_smaller_than_one_chunk_streams_fewer_examples_at_a_time_with_equal_features(monkeypatch):
+    """The logistic regression has 21 parameters: a budget of 7 examples' float32 gradients makes
+    chunks of 7 (where one chunk of all 40 would exceed it), and the features are those of one chunk."""
+    model, x, y = _logreg()
+    whole = featurize(TASK, model, x[:30], y[:30], x[30:], y[30:], proj_dim=16, seed=0, model_index=0)
+    sizes = []
+    real = trak_module.per_example_gradients
+    monkeypatch.setattr(trak_module, "per_example_gradients", lambda m, xb, *a, **k: sizes.append(len(xb)) or real(m, xb, *a, **k))
+    monkeypatch.setattr(trak_module, "GRADIENT_CHUNK_BYTES", 4 * 21 * 7)
+    streamed = featurize(TASK, model, x[:30], y[:30], x[30:], y[30:], proj_dim=16, seed=0, model_index=0)
+    assert max(sizes) == 7 and sum(sizes) == 40
+    torch.testing.assert_close(streamed.train, whole.train, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(streamed.targets, whole.targets, rtol=1e-6, atol=1e-7)
 
 
 def test_projected_trak_approaches_unprojected_trak_as_k_grows():

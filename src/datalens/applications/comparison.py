@@ -51,7 +51,8 @@ class Comparison:
     seconds_per_model: float
     ground: Ground
     records: list[dict] = field(default_factory=list)
-    scores: dict = field(default_factory=dict)  # (method, models used, proj_dim) -> (n, t) scores, for figures
+    keep: set = field(default_factory=set)  # the (method, models used, proj_dim) whose scores figures draw
+    scores: dict = field(default_factory=dict)  # those of them recorded -> (n, t) scores; others are scored and dropped
 
     @property
     def selection_models(self) -> int:
@@ -67,7 +68,9 @@ class Comparison:
                "lds": linear_datamodeling_score(scores, g.masks, g.actual_mean),
                "lds_single": linear_datamodeling_score(scores, g.masks, g.actual_single), **knobs}
         self.records.append(rec)
-        self.scores[(method, int(models), knobs.get("proj_dim"))] = scores
+        key = (method, int(models), knobs.get("proj_dim"))
+        if key in self.keep:  # at paper scale each (n, t) is 4 GB: keeping every method's would fill the host
+            self.scores[key] = scores
         return rec
 
     def select(self, candidates: dict) -> tuple:
@@ -130,7 +133,9 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
                            dampings: list[float], ekfac_dampings: list[float], cg_iters: int = 30) -> None:
     """Gradient dot product and cosine and EK-FAC influence (averaged over M checkpoints),
     representation similarity, influence functions (explicit Hessian over the last layer; CG
-    over all parameters). Dampings are chosen on validation models. Checkpoint loading is timed."""
+    over all parameters, or the trailing layers whose per-example gradients fit
+    :data:`~datalens.attribution.baselines.GRADIENT_BUDGET`, as the records' ``params`` say).
+    Dampings are chosen on validation models. Checkpoint loading is timed."""
     device = resolve_device(run.device)  # the device TRAK is timed on: every method is charged on the same one
     x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
     task = run.make_task()
@@ -140,14 +145,16 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
         t0 = time.perf_counter()
         models.append(run.load_checkpoint(store, m, device))
         load.append(time.perf_counter() - t0)
+    # every parameter while their per-example gradients fit the budget, else the trailing layers that do (in the records)
+    names, params = baselines.params_within(models[0], len(x_tr) + len(x_te))
     for name, fn in (("grad_dot", baselines.grad_dot), ("grad_cosine", baselines.grad_cosine)):
         total, own = 0.0, 0.0
         for m in range(n_max):
             t0 = time.perf_counter()
-            total = total + fn(task, models[m], x_tr, y_tr, x_te, y_te)
+            total = total + fn(task, models[m], x_tr, y_tr, x_te, y_te, names)
             own += load[m] + time.perf_counter() - t0
             if m + 1 in ensemble_sizes:
-                cmp.add(name, m + 1, own, total / (m + 1), False)
+                cmp.add(name, m + 1, own, total / (m + 1), False, params=params)
     sums, own = {d: 0.0 for d in ekfac_dampings}, 0.0
     for m in range(n_max):
         t0 = time.perf_counter()
@@ -169,10 +176,11 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     cmp.add("influence_explicit", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="last layer")
     # CG over all parameters: every damping from one Krylov sequence; those whose system is indefinite drop out
     t0 = time.perf_counter()
-    candidates = baselines.influence_cg(task, models[0], x_tr, y_tr, mask, x_te, y_te, damping=list(dampings), iters=cg_iters)
+    candidates = baselines.influence_cg(task, models[0], x_tr, y_tr, mask, x_te, y_te, damping=list(dampings), iters=cg_iters,
+                                        param_names=names)
     if candidates:
         best, _ = cmp.select(candidates)
-        cmp.add("influence_cg", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params="all")
+        cmp.add("influence_cg", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params=params)
 
 
 def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epochs: list[int]) -> None:
@@ -190,8 +198,9 @@ def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epoch
         m.load_state_dict(state)
         checkpoints.append(m)
     lrs = interval_lrs(run.settings, snapshot_epochs, run.settings.steps_per_epoch(int(mask.sum())))  # under the schedule
-    scores = baselines.tracin(task, checkpoints, lrs, x_tr, y_tr, x_te, y_te)
-    cmp.add("tracin", 1, time.perf_counter() - t0, scores, False, checkpoints=len(checkpoints))
+    names, params = baselines.params_within(checkpoints[0], len(x_tr) + len(x_te))
+    scores = baselines.tracin(task, checkpoints, lrs, x_tr, y_tr, x_te, y_te, names)
+    cmp.add("tracin", 1, time.perf_counter() - t0, scores, False, checkpoints=len(checkpoints), params=params)
 
 
 def overtaking_point(records: list[dict], method: str = "datamodels", rival: str = "trak", proj_dim: int | None = None) -> dict:

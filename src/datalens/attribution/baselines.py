@@ -67,6 +67,30 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, chunk: int = CHUNK) 
     return torch.cat(captured)
 
 
+GRADIENT_BUDGET = 8 << 30  # bytes of float64 per-example gradients, (n + t) x d, that a baseline may hold
+
+
+def params_within(model: nn.Module, examples: int, budget: int = GRADIENT_BUDGET) -> tuple[list[str], str]:
+    """The parameters whose float64 per-example gradients for ``examples`` examples fit ``budget``
+    bytes: every one when all fit, else the most trailing whole tensors that do (the output layer's
+    first). Returns (names, a label for figures: "all", or "last L of P tensors (d of D parameters)")."""
+    named = [(name, p.numel()) for name, p in model.named_parameters()]
+    total = sum(size for _, size in named)
+    if examples * total * 8 <= budget:
+        return [name for name, _ in named], "all"
+    kept, size = [], 0
+    for name, numel in reversed(named):
+        if examples * (size + numel) * 8 > budget:
+            break
+        kept.insert(0, name)
+        size += numel
+    if not kept:
+        raise MemoryError(f"per-example gradients of even the last parameter tensor ({named[-1][0]}) for {examples} examples "
+                          f"need {examples * named[-1][1] * 8 / 2**30:.1f} GiB as float64, more than the gradient budget of "
+                          f"{budget / 2**30:.1f} GiB: attribute fewer targets or training examples")
+    return kept, f"last {len(kept)} of {len(named)} tensors ({size:,} of {total:,} parameters)"
+
+
 def _helpful_grads(task: Task, model, x, y, param_names=None):
     """(-grad L_i) = Q_i grad f_i: (n, d)."""
     g = per_example_gradients(model, x, y, task, param_names=param_names, dtype=torch.float64)

@@ -8,7 +8,9 @@ The solver fits all targets at once. It minimises, per target t,
 with Z the masks standardised by the training models' mean and std (scikit-learn's
 ``Lasso`` objective on standardised features). It runs FISTA on the centred, standardised
 Gram matrix, so its cost per iteration is independent of the number of models. The
-Gram matrix is built by streaming blocks of models, so a store larger than memory fits.
+Gram matrix is built by streaming blocks of models, so a store larger than memory fits,
+on the device the fit runs on; the host never holds an (n, n) array, and the device holds
+the masks' Gram as exact float32 counts, the standardised Gram and the (n, T) iterates.
 
 The path: per-target ``lambda_max = max_i |Z^T (y - ybar)|_i / N``, then a geometric
 grid of ``num_lambdas`` values down to ``eps * lambda_max``, with warm starts. Each
@@ -31,53 +33,84 @@ import torch
 from datalens.core.progress import progress_bar
 
 
+EXACT_COUNTS = 2 ** 24  # float32 holds every integer below this: the Gram of 0/1 masks is a matrix of counts
+
+
 @dataclass
 class Moments:
-    """Sufficient statistics of (masks X (N, n), margins Y (N, T)) for least squares."""
+    """Sufficient statistics of (masks X (N, n), margins Y (N, T)) for least squares, as torch
+    tensors on the device they were accumulated on: sx (n,), sy (T,), sxx (n, n), sxy (n, T), syy (T,).
+
+    sxx is float32 when X is boolean and N < 2^24: its entries are then counts, which float32 holds
+    exactly, so it is the float64 Gram at half the memory (10 GB instead of 20 at n = 50,000).
+    Everything else is float64."""
 
     count: int
-    sx: np.ndarray  # (n,)
-    sy: np.ndarray  # (T,)
-    sxx: np.ndarray  # (n, n)
-    sxy: np.ndarray  # (n, T)
-    syy: np.ndarray  # (T,)
+    sx: torch.Tensor
+    sy: torch.Tensor
+    sxx: torch.Tensor
+    sxy: torch.Tensor
+    syy: torch.Tensor
 
     @classmethod
     def from_blocks(cls, blocks: Iterable[tuple[np.ndarray, np.ndarray]], device: str = "cpu") -> "Moments":
         acc = None
         for x, y in blocks:
-            xt = torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)
+            x = np.asarray(x)
+            x64 = torch.as_tensor(x, device=device).double()
             yt = torch.as_tensor(np.asarray(y, dtype=np.float64), device=device)
-            part = [len(x), xt.sum(0), yt.sum(0), xt.T @ xt, xt.T @ yt, (yt * yt).sum(0)]
-            acc = part if acc is None else [a + b for a, b in zip(acc, part)]
+            counted = (acc[0] if acc else 0) + len(x)
+            xs = x64.float() if x.dtype == np.bool_ and counted < EXACT_COUNTS else x64
+            part = [len(x), x64.sum(0), yt.sum(0), xs.T @ xs, x64.T @ yt, (yt * yt).sum(0)]
+            if acc is None:
+                acc = part
+                continue
+            if acc[3].dtype != part[3].dtype:  # past 2^24 models, or a non-boolean block: float64 from here on
+                acc[3], part[3] = acc[3].double(), part[3].double()
+            acc[0] += part[0]
+            for a, b in zip(acc[1:], part[1:]):
+                a.add_(b)  # in place: no second (n, n) array
         if acc is None or acc[0] == 0:
             raise ValueError("no models to fit datamodels on (zero rows)")
-        return cls(int(acc[0]), *[a.cpu().numpy() for a in acc[1:]])
+        return cls(*acc)
 
-    def __add__(self, other: "Moments") -> "Moments":
-        return Moments(self.count + other.count, self.sx + other.sx, self.sy + other.sy, self.sxx + other.sxx,
-                       self.sxy + other.sxy, self.syy + other.syy)
+    def to(self, device) -> "Moments":
+        return Moments(self.count, *(getattr(self, f).to(device) for f in ("sx", "sy", "sxx", "sxy", "syy")))
 
-    def standardised(self):
-        """mu (n,), sigma (n,), ybar (T,), C = Z^T Z / N (n, n), c = Z^T (y - ybar) / N (n, T)."""
-        n = self.count
-        mu = self.sx / n
-        var = np.diag(self.sxx) / n - mu * mu
-        sigma = np.sqrt(np.maximum(var, 0.0))
+    def standardised(self, dtype: torch.dtype = torch.float64, plus: "Moments | None" = None, block: int | None = None):
+        """Of these models (or of these and ``plus`` together, without forming the sum), on their
+        device: mu (n,), sigma (n,), ybar (T,) float64; C = Z^T Z / N (n, n) and c = Z^T (y - ybar) / N
+        (n, T) in ``dtype``. C is built ``block`` rows at a time (default: 2^20 entries' worth), so
+        besides the moments only C itself is (n, n)."""
+        parts = [self] if plus is None else [self, plus]
+        n = sum(p.count for p in parts)
+        mu = sum(p.sx for p in parts) / n
+        var = sum(torch.diagonal(p.sxx).double() for p in parts) / n - mu * mu
+        sigma = torch.sqrt(torch.clamp(var, min=0.0))
         sigma[sigma < 1e-12] = 1.0  # an example in every (or no) mask carries no signal
-        ybar = self.sy / n
-        gram = (self.sxx / n - np.outer(mu, mu)) / np.outer(sigma, sigma)
-        cross = (self.sxy / n - np.outer(mu, ybar)) / sigma[:, None]
+        ybar = sum(p.sy for p in parts) / n
+        size = len(mu)
+        block = block or max(1, 2 ** 20 // size)
+        gram = torch.empty((size, size), dtype=dtype, device=mu.device)
+        for a in range(0, size, block):
+            rows = sum(p.sxx[a:a + block].double() for p in parts)
+            gram[a:a + block] = (rows / n - mu[a:a + block, None] * mu[None]) / (sigma[a:a + block, None] * sigma[None])
+        sxy = sum(p.sxy for p in parts)
+        cross = ((sxy / n - mu[:, None] * ybar[None]) / sigma[:, None]).to(dtype)
         return mu, sigma, ybar, gram, cross
 
-    def mse(self, weights: np.ndarray, bias: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+    def mse(self, weights: torch.Tensor, bias: torch.Tensor, cols: np.ndarray | None = None, block: int | None = None) -> np.ndarray:
         """Mean squared error of raw-space predictions ``X @ weights + bias`` on these models,
         for targets ``cols`` (default all): weights (n, len(cols)), bias (len(cols),)."""
-        cols = np.arange(len(self.sy)) if cols is None else cols
-        a, b = weights, bias
+        device = self.sy.device
+        cols = torch.arange(len(self.sy), device=device) if cols is None else torch.as_tensor(cols, device=device)
+        a = torch.as_tensor(weights, dtype=torch.float64, device=device)
+        b = torch.as_tensor(bias, dtype=torch.float64, device=device)
         s_yhat = (a * self.sxy[:, cols]).sum(0) + b * self.sy[cols]
-        s_hat2 = (a * (self.sxx @ a)).sum(0) + 2 * b * (self.sx @ a) + self.count * b * b
-        return (self.syy[cols] - 2 * s_yhat + s_hat2) / self.count
+        block = block or max(1, 2 ** 22 // len(a))  # rows of sxx turned to float64 at a time
+        sxx_a = torch.cat([self.sxx[r:r + block].double() @ a for r in range(0, len(a), block)])
+        s_hat2 = (a * sxx_a).sum(0) + 2 * b * (self.sx @ a) + self.count * b * b
+        return ((self.syy[cols] - 2 * s_yhat + s_hat2) / self.count).cpu().numpy()
 
 
 @dataclass
@@ -208,7 +241,7 @@ def lasso_fista(gram: torch.Tensor, cross: torch.Tensor, lam: torch.Tensor, w0: 
 
 def lambda_grid(cross: np.ndarray, num: int, eps: float) -> np.ndarray:
     """(num, T) geometric grids from each target's lambda_max = max_i |c_i| down to eps * lambda_max."""
-    lam_max = np.abs(cross).max(0)
+    lam_max = torch.as_tensor(cross).abs().amax(0).cpu().numpy()
     return lam_max[None, :] * np.geomspace(1.0, eps, num)[:, None]
 
 
@@ -221,10 +254,9 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
     (n, T): each target's path solution at its chosen lambda.
     """
     dtype = torch.float64 if device == "cpu" else torch.float32
-    mu, sigma, ybar, gram_np, cross_np = train.standardised()
-    grid = lambda_grid(cross_np, num_lambdas, eps)
-    gram = torch.as_tensor(gram_np, dtype=dtype, device=device)
-    cross = torch.as_tensor(cross_np, dtype=dtype, device=device)
+    train, val = train.to(device), val.to(device)
+    mu, sigma, ybar, gram, cross = train.standardised(dtype)
+    grid = lambda_grid(cross, num_lambdas, eps)
     L = _lipschitz(gram)
     n, T = cross.shape
     w = torch.zeros((n, T), dtype=dtype, device=device)
@@ -244,8 +276,8 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
         L = info["lipschitz"]  # raised where a step showed the estimate short
         unconverged += not info["converged"]
         w[:, cols_t] = w_cols
-        raw = (w_cols.cpu().numpy() / sigma[:, None])
-        mse = val.mse(raw, ybar[cols] - mu @ raw, cols)
+        raw = w_cols.double() / sigma[:, None]
+        mse = val.mse(raw, ybar[cols_t] - mu @ raw, cols)
         val_mse[k, cols] = mse
         improved = mse < best[cols]
         best[cols[improved]] = mse[improved]
@@ -254,16 +286,15 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
         nonzero = (w_cols != 0).sum(0).cpu().numpy()
         rising = (mse > best[cols]) & (k >= 10) & (nonzero > 1)
         active[cols[rising]] = False
+    del gram, cross, w  # the refit's Gram takes their place
     lam_train = grid[best_idx, np.arange(T)]
     # refit on train + val at each target's chosen lambda; lambda is on the same 1/N scale
-    both = train + val
-    mu, sigma, ybar, gram_np, cross_np = both.standardised()
-    gram = torch.as_tensor(gram_np, dtype=dtype, device=device)
-    cross = torch.as_tensor(cross_np, dtype=dtype, device=device)
+    mu, sigma, ybar, gram, cross = train.standardised(dtype, plus=val)
     # warm start from each target's solution at its chosen lambda (not the path's last one)
     w_std, info = lasso_fista(gram, cross, torch.as_tensor(lam_train, dtype=dtype, device=device), w_best, max_iter * 2, tol,
                               return_info=True)
     w_std = w_std.cpu().numpy()
+    mu, sigma, ybar = mu.cpu().numpy(), sigma.cpu().numpy(), ybar.cpu().numpy()
     unconverged += not info["converged"]
     if unconverged:
         warnings.warn(f"the lasso solver reached datamodels.max_iter={max_iter} before datamodels.tol={tol} in {unconverged} "
@@ -323,8 +354,9 @@ def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0
             raise ValueError(f"num_models={num_models} but the store holds only {len(done)} completed models")
         done = done[:num_models]
     tr, va = split_models(len(done), val_fraction, seed)
-    train = Moments.from_blocks(store_blocks(store, done[tr], target, measure=measure))
-    val = Moments.from_blocks(store_blocks(store, done[va], target, measure=measure))
+    device = kwargs.get("device", "cpu")  # the moments are accumulated where the fit runs: no (n, n) array on the host
+    train = Moments.from_blocks(store_blocks(store, done[tr], target, measure=measure), device)
+    val = Moments.from_blocks(store_blocks(store, done[va], target, measure=measure), device)
     return fit_datamodels(train, val, **kwargs)
 
 
@@ -338,13 +370,14 @@ def _ridge_fits(moments: Moments, ridges: Sequence[float], device: str = "cpu") 
     """Ridge datamodels of every target of ``moments`` at each ridge, from one standardisation:
     minimise ||y - ybar - Z w||^2 / N + ridge ||w||^2 (standardised like the lasso, so a ridge is
     relative to a unit-variance feature)."""
-    mu, sigma, ybar, gram_np, cross_np = moments.standardised()
-    gram = torch.as_tensor(gram_np, dtype=torch.float64, device=device)
-    cross = torch.as_tensor(cross_np, dtype=torch.float64, device=device)
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=device)
+    mu, sigma, ybar, gram, cross = moments.to(device).standardised()
+    mu, sigma, ybar = mu.cpu().numpy(), sigma.cpu().numpy(), ybar.cpu().numpy()
     fits = []
     for ridge in ridges:
-        w_std = torch.linalg.solve(gram + ridge * eye, cross).cpu().numpy()
+        shifted = gram.clone()
+        shifted.diagonal().add_(ridge)
+        w_std = torch.linalg.solve(shifted, cross).cpu().numpy()
+        del shifted
         weight = w_std / sigma[:, None]
         fits.append(Datamodels(weight=weight, bias=ybar - mu @ weight, lam=np.full(len(ybar), ridge), weight_std=w_std,
                                mu=mu, sigma=sigma, ybar=ybar))
@@ -374,17 +407,18 @@ def ridge_set_contributions(masks, outputs, sets: np.ndarray, ridge: float, devi
 
     masks (N, n) and outputs (N, T) may be any arrays that slice by rows (numpy, zarr, or a
     reader of a store): both are read ``block`` models at a time, so only the (n, n) Gram
-    matrix is ever held whole. sets: (S, n) 0/1 indicators. With w = (G + ridge I)^-1 Z^T (y -
+    matrix (and the solver's factor of it) is ever held whole. sets: (S, n) 0/1 indicators. With w = (G + ridge I)^-1 Z^T (y -
     ybar) / N in raw units (w / sigma), sum_{i in F} w_i = v_F^T y / N with v_F = Z (G + ridge
     I)^-1 (1_F / sigma) (the centring of y drops out: the columns of Z sum to zero). Returns
     (S, T), equal to ``sets @ ridge_datamodels(...).weight`` (a test checks it)."""
     num = masks.shape[0]
     rows = [slice(a, min(a + block, num)) for a in range(0, num, block)]
     no_targets = ((masks[r], np.zeros((r.stop - r.start, 0))) for r in rows)  # only the masks' moments are needed
-    mu_np, sigma_np, _, gram_np, _ = Moments.from_blocks(no_targets, device).standardised()
-    mu, sigma, gram = (torch.as_tensor(a, dtype=torch.float64, device=device) for a in (mu_np, sigma_np, gram_np))
+    mu, sigma, _, gram, _ = Moments.from_blocks(no_targets, device).standardised()  # the moments go once this returns
+    gram.diagonal().add_(ridge)  # in place: G + ridge I without a second (n, n) array
     rhs = torch.as_tensor(np.asarray(sets, dtype=np.float64), device=device).T / sigma[:, None]
-    g = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=device), rhs)  # (n, S)
+    g = torch.linalg.solve(gram, rhs)  # (n, S)
+    del gram
     out = torch.zeros((len(sets), outputs.shape[1]), dtype=torch.float64, device=device)
     for r in rows:
         z = (torch.as_tensor(np.asarray(masks[r], dtype=np.float64), device=device) - mu) / sigma

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,13 +47,24 @@ class ModelFeatures:
     q: torch.Tensor
 
 
+GRADIENT_CHUNK_BYTES = 4 << 30  # float32 per-example gradients held at once while featurising
+
+
+def gradient_chunk(num_params: int, most: int = 1024) -> int:
+    """Examples per gradient chunk: ``most``, or fewer so that a chunk's float32 gradients stay within
+    :data:`GRADIENT_CHUNK_BYTES` (vmap's intermediates add about four times that, as
+    ``benchmarks/scale.py`` measures): 163 examples for ResNet-9's 6.6M parameters."""
+    return max(1, min(most, GRADIENT_CHUNK_BYTES // (4 * num_params)))
+
+
 def featurize(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targets, proj_dim: int | Sequence[int] | None,
               seed: int, model_index: int, kind: str = "rademacher", param_names: Sequence[str] | None = None,
-              chunk: int = 1024, dtype: torch.dtype = torch.float32, backend: str = "torch", timings: dict | None = None):
+              chunk: int | None = None, dtype: torch.dtype = torch.float32, backend: str = "torch", timings: dict | None = None):
     """Projected per-example gradients of ``task``'s output for one model, for training and target examples.
 
     Gradients are computed and projected ``chunk`` examples at a time (train and targets
-    in one stream), so at most (chunk, d) gradients are held; larger chunks make the
+    in one stream), so at most (chunk, d) gradients are held (by default
+    :func:`gradient_chunk`: 1024, or fewer where d is large); larger chunks make the
     projection GEMM more efficient. ``proj_dim=None`` keeps the raw gradients; a list of
     dimensions returns {k: ModelFeatures} from one gradient pass. ``timings``, when given,
     receives the seconds spent on gradients (with Q) and on each k's projection, so that
@@ -62,6 +73,8 @@ def featurize(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targe
     if x_train.device.type == "cpu":
         keep_freed_memory()
     dims = list(proj_dim) if isinstance(proj_dim, (list, tuple)) else [proj_dim]
+    params = dict(model.named_parameters())
+    chunk = chunk or gradient_chunk(sum(params[n].numel() for n in (param_names or params)))
     x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
     parts: dict = {k: [] for k in dims}
     projectors: dict = {}
@@ -139,21 +152,37 @@ class ScoreStore(ResumableStore):
         return self.read("scores", targets).astype(np.float64).T
 
 
-def score_blocks(features: Sequence[ModelFeatures], ridge: float, target_block: int = 4096, only: set[int] | None = None):
+def score_blocks(features: Sequence[ModelFeatures], ridge: float, target_block: int = 4096, only: set[int] | None = None,
+                 budget: int = SCORE_BUDGET):
     """Algorithm 1 without thresholding, a block of targets at a time: yields (start, (n, b) float64)
     = diag(mean Q) * mean_m Phi_m (Phi_m^T Phi_m + lambda_m I)^{-1} phi_m(x) for targets
-    start..start+b-1. Each model's kernel is factored once for all blocks; ``only`` restricts the
-    work to those block numbers."""
-    if not features:
+    start..start+b-1; ``only`` restricts the work to those block numbers.
+
+    Streams over models: blocks go in groups whose float64 scores fit ``budget`` bytes, and for
+    each group every model is read once (``features`` may load lazily, as
+    :meth:`FeatureStore.features` does), factored and dropped. So at most one model's features
+    and factor and ``budget`` bytes of scores are held, whatever the number of models; a
+    model is refactored once per group (one group whenever the scores fit)."""
+    if not len(features):
         raise ValueError("TRAK needs at least one model (trak.num_models >= 1)")
-    q = sum(f.q.double() for f in features) / len(features)
-    t = features[0].targets.shape[0]
-    factors = [_factor(f, ridge) for f in features]
-    for a in range(0, t, target_block):
-        if only is not None and a // target_block not in only:
-            continue
-        acc = sum(_solve(f, fac, a, a + target_block) for f, fac in zip(features, factors)) / len(features)
-        yield a, (q[:, None] * acc).cpu().numpy()
+    first = features[0]
+    n, t = first.train.shape[0], first.targets.shape[0]
+    del first
+    blocks = [a for a in range(0, t, target_block) if only is None or a // target_block in only]
+    per_group = max(1, budget // (8 * n * target_block))
+    for g in range(0, len(blocks), per_group):
+        group = blocks[g:g + per_group]
+        acc, q_sum = {a: 0.0 for a in group}, 0.0
+        for m in range(len(features)):
+            f = features[m]
+            fac = _factor(f, ridge)
+            for a in group:
+                acc[a] = acc[a] + _solve(f, fac, a, a + target_block)
+            q_sum = q_sum + f.q.double()
+            del f, fac
+        q = q_sum / len(features)
+        for a in group:
+            yield a, (q[:, None] * (acc.pop(a) / len(features))).cpu().numpy()
 
 
 def trak_scores(features: Sequence[ModelFeatures], ridge: float, store: str | None = None,
@@ -161,17 +190,19 @@ def trak_scores(features: Sequence[ModelFeatures], ridge: float, store: str | No
     """TRAK scores (n, t). Held in memory as float64 while they fit ``budget`` bytes; beyond it
     they are written, a block of targets at a time, to a :class:`ScoreStore` at ``store``
     (which is then required, and returned)."""
-    if not features:
+    if not len(features):
         raise ValueError("TRAK needs at least one model (trak.num_models >= 1)")
-    n, t = features[0].train.shape[0], features[0].targets.shape[0]
+    first = features[0]
+    n, t = first.train.shape[0], first.targets.shape[0]
+    del first
     if n * t * 8 <= budget:
-        return np.concatenate([block for _, block in score_blocks(features, ridge, target_block)], axis=1)
+        return np.concatenate([block for _, block in score_blocks(features, ridge, target_block, budget=budget)], axis=1)
     if store is None:
         raise ValueError(f"TRAK scores of {n} training examples x {t} targets need {n * t * 8 / 2**30:.1f} GiB as float64, "
                          f"more than the budget of {budget / 2**30:.1f} GiB: give a store to write them to")
     out = ScoreStore.open(store, {"trak.ridge": ridge, "models": len(features), "n_train": n}, t, target_block,
                           {"scores": ArraySpec((n,))})
-    for a, block in score_blocks(features, ridge, target_block, only=set(out.missing_blocks())):
+    for a, block in score_blocks(features, ridge, target_block, only=set(out.missing_blocks()), budget=budget):
         out.write_block(a // target_block, {"scores": block.T.astype(np.float32)})
     return out
 
@@ -226,9 +257,27 @@ class FeatureStore(ResumableStore):
         rows = slice(0, models)
         return self.read("seconds_load", rows) + self.read("seconds_gradients", rows) + self.read(f"seconds_projection_k{proj_dim}", rows)
 
-    def features(self, models: Sequence[int], proj_dim: int) -> list[ModelFeatures]:
-        return [ModelFeatures(torch.as_tensor(self.group[f"train_k{proj_dim}"][m]), torch.as_tensor(self.group[f"targets_k{proj_dim}"][m]),
-                              torch.as_tensor(self.group["q"][m])) for m in models]
+    def features(self, models: Sequence[int], proj_dim: int) -> "StoredFeatures":
+        """The features of ``models`` at ``proj_dim``, each read from the store when indexed."""
+        return StoredFeatures(self, list(models), proj_dim)
+
+
+@dataclass(frozen=True)
+class StoredFeatures(Sequence):
+    """A lazy sequence of :class:`ModelFeatures`: item i is read from the store when asked for, so
+    :func:`trak_scores` holds one model's (n + t, k) features at a time, not every model's."""
+
+    store: FeatureStore
+    models: list[int]
+    proj_dim: int
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, i: int) -> ModelFeatures:
+        m, g = self.models[i], self.store.group
+        return ModelFeatures(torch.as_tensor(g[f"train_k{self.proj_dim}"][m]), torch.as_tensor(g[f"targets_k{self.proj_dim}"][m]),
+                             torch.as_tensor(g["q"][m]))
 
 
 def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:

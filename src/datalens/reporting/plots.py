@@ -143,7 +143,9 @@ def lds_vs_compute(records: list[dict], path: Path, trak_proj_dim: int | None = 
         for m in methods:
             rs = [r for r in records if r["method"] == m and (m != "trak" or trak_proj_dim is None or r.get("proj_dim") == trak_proj_dim)]
             rs.sort(key=lambda r: r["models"])  # connect budgets in order (fit time need not grow with models)
-            ax.plot([r[key] for r in rs], [r["lds"] for r in rs], marker="o", label=m, color=palette[m])
+            restricted = rs and rs[0].get("params") not in (None, "all")  # a method run on some layers says which
+            ax.plot([r[key] for r in rs], [r["lds"] for r in rs], marker="o", color=palette[m],
+                    label=f"{m} ({rs[0]['params']})" if restricted else m)
         ax.set_xscale("log")
         ax.set(xlabel=label)
     axes[0].set_ylabel("LDS (held-out models)")
