@@ -249,10 +249,6 @@ def train_flops_per_image(width: int = 64) -> float:
     return counter.get_total_flops() / 8
 
 
-def hidden_params(hidden: int, inputs: int = 64, classes: int = 10) -> int:
-    return inputs * hidden + hidden + hidden * hidden + hidden + hidden * classes + classes
-
-
 # Each step: where it runs in the pipeline, its sweep, the terms memory and time grow by (functions of
 # the size, in bytes and in multiply-adds), and its precision (for the GPU rate).
 STEPS = {
@@ -328,7 +324,7 @@ def derived(step: str, size: dict) -> dict:
     """Sizes the terms need beyond the sweep's knobs (parameters, chunk, FLOPs per image)."""
     s = dict(size)
     if "hidden" in s:
-        s["d"] = hidden_params(s["hidden"])
+        s["d"] = sum(p.numel() for p in _mlp_of_size(s["hidden"]).parameters())
     if step == "trak_featurize":
         s["d"] = resnet_params("resnet9", s["width"])
         s["chunk"] = gradient_chunk(s["d"])
