@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from _common import ROOT, write_result
+from datalens.applications.comparison import Comparison, Ground, run_trak
 from datalens.attribution.baselines import grad_dot, influence_cg, params_within
-from datalens.attribution.datamodels import Moments, fit_datamodels, ridge_set_contributions, split_models
+from datalens.attribution.datamodels import Moments, fit_datamodels, ridge_set_contributions, split_models, target_block
 from datalens.attribution.trak import ModelFeatures, featurize, gradient_chunk, trak_scores
 from datalens.core.models import mlp, resnet9
 from datalens.tasks.classification import ClassificationTask
@@ -45,14 +47,17 @@ from datalens.training.engine import TrainSettings, train_models
 # N: subset models the datamodels fit on; M, k: TRAK's checkpoints and largest projection;
 # Nu, Tc, S: unlearning's models, logit columns ((n + t) x classes) and forget sets. pixels: the
 # first stage's feature map, what activations grow by (ResNet-18's stem takes 224 x 224 to 56 x 56).
+# scored: the targets stage 05 compares methods on (attribution.num_targets); lambdas, max_iter: the lasso path's.
 CASES = {
     "paper (CIFAR-10, ResNet-9)": {"n": 50_000, "t": 10_000, "N": 50_000, "T": 10_000, "M": 100, "k": 8192,
                                    "d": None, "model": "resnet9", "classes": 10, "batch": 512, "epochs": 24,
-                                   "pixels": 32 * 32, "image_pixels": 32 * 32, "subset": 25_000,
+                                   "pixels": 32 * 32, "image_pixels": 32 * 32, "subset": 25_000, "scored": 2000,
+                                   "lambdas": 50, "max_iter": 300,
                                    "Nu": 100, "Tc": 600_000, "S": 8},
     "ImageNet-sized (ResNet-18)": {"n": 1_200_000, "t": 50_000, "N": 50_000, "T": 50_000, "M": 100, "k": 8192,
                                    "d": 11_689_512, "model": "resnet18", "classes": 1000, "batch": 512, "epochs": 16,
-                                   "pixels": 56 * 56, "image_pixels": 224 * 224, "subset": 600_000,
+                                   "pixels": 56 * 56, "image_pixels": 224 * 224, "subset": 600_000, "scored": 2000,
+                                   "lambdas": 50, "max_iter": 300,
                                    "Nu": 100, "Tc": 1_250_000_000, "S": 8},
 }
 # Assumed sustained GPU rates (FLOP/s): A100 peaks (312 TFLOP/s bf16 tensor, 19.5 fp32, 19.5 fp64 tensor)
@@ -125,17 +130,27 @@ def _masks(num: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((num, n)) < 0.5
 
 
-def prep_datamodels(n: int, N: int, T: int) -> dict:
+def prep_datamodels(n: int, N: int, T: int, B: int) -> dict:
     rng = np.random.default_rng(0)
     masks = _masks(N, n, 1)
     w = rng.normal(size=(n, T)) * (rng.random((n, T)) < 20 / n)
-    return {"masks": masks, "outputs": masks @ w + rng.normal(size=(N, T))}
+    return {"masks": masks, "outputs": masks @ w + rng.normal(size=(N, T)), "block": B}
+
+
+# The benchmark's lasso path: every solve runs all its iterations (tol < 0 stops no column), so a fit makes
+# exactly FIT_ITERATIONS FISTA steps per block of targets: the path's, then the refit's 2 x max_iter.
+BENCH_LAMBDAS, BENCH_MAX_ITER = 5, 20
+FIT_ITERATIONS = BENCH_LAMBDAS * BENCH_MAX_ITER + 2 * BENCH_MAX_ITER
 
 
 def run_datamodels(p: dict) -> None:
+    """The fit as it runs on a GPU (float32 solves, targets in blocks of B), here on the CPU."""
     tr, va = split_models(len(p["masks"]), 0.1, 0)
     blocks = lambda rows: ((p["masks"][rows[a:a + 1000]], p["outputs"][rows[a:a + 1000]]) for a in range(0, len(rows), 1000))  # noqa: E731
-    fit_datamodels(Moments.from_blocks(blocks(tr)), Moments.from_blocks(blocks(va)), num_lambdas=20, max_iter=100, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # every solve reaches max_iter here, by design
+        fit_datamodels(Moments.from_blocks(blocks(tr)), Moments.from_blocks(blocks(va)), num_lambdas=BENCH_LAMBDAS,
+                       max_iter=BENCH_MAX_ITER, tol=-1.0, progress=False, dtype=torch.float32, block=p["block"])
 
 
 def prep_ridge_sets(n: int, N: int, Tc: int, S: int) -> dict:
@@ -170,6 +185,30 @@ def prep_trak_score(n: int, t: int, k: int, M: int) -> dict:
 
 def run_trak_score(p: dict) -> None:
     trak_scores(p["features"], 0.1)
+
+
+class _FeatureReader(_GeneratedFeatures):
+    """The same, read the way stage 05 reads a feature store: ``features([m], k)`` and ``seconds``."""
+
+    def features(self, models, k):
+        return [self[m] for m in models]
+
+    def seconds(self, M, k):
+        return np.zeros(M)
+
+
+def prep_comparison(n: int, t: int, k: int, R: int) -> dict:
+    rng = np.random.default_rng(0)
+    masks, val = (rng.random((50, n)) < 0.5).astype(float), (rng.random((20, n)) < 0.5).astype(float)
+    w = rng.normal(size=(n, t))
+    ground = Ground(masks, masks @ w, masks @ w, val, val @ w)
+    return {"cmp": Comparison(0.1, ground, keep={("trak", 2, k)}), "features": _FeatureReader(n, t, k, 2), "k": k,
+            "ridges": list(np.geomspace(1e-3, 10, R))}
+
+
+def run_comparison(p: dict) -> None:
+    p["cmp"].records.clear()
+    run_trak(p["cmp"], p["features"], [1, 2], [p["k"]], p["ridges"])
 
 
 def _mlp_of_size(d_hidden: int, inputs: int = 64, classes: int = 10):
@@ -253,13 +292,18 @@ def train_flops_per_image(width: int = 64) -> float:
 # the size, in bytes and in multiply-adds), and its precision (for the GPU rate).
 STEPS = {
     "datamodels_fit": {
-        "prepare": prep_datamodels, "run": run_datamodels, "where": "run.device (fit_from_store accumulates the moments there)",
-        "dtype": "float64",
-        "sweep": [{"n": 500, "N": 2000, "T": 50}, {"n": 1000, "N": 2000, "T": 50}, {"n": 2000, "N": 2000, "T": 50},
-                  {"n": 1000, "N": 2000, "T": 400}, {"n": 2000, "N": 2000, "T": 400}, {"n": 1000, "N": 4000, "T": 50}],
-        "memory": {"n x n float64": lambda s: 8 * s["n"] ** 2, "n x T float64": lambda s: 8 * s["n"] * s["T"],
+        "prepare": prep_datamodels, "run": run_datamodels,
+        "where": "run.device (moments, Gram, solves: float32, B = target_block(n) targets at a time); host: the (n, T) results",
+        "dtype": "float32",
+        "sweep": [{"n": 2000, "N": 2000, "T": 50, "B": 50}, {"n": 4000, "N": 2000, "T": 20, "B": 20},
+                  {"n": 6000, "N": 2000, "T": 20, "B": 20}, {"n": 2000, "N": 2000, "T": 1000, "B": 50},
+                  {"n": 4000, "N": 2000, "T": 400, "B": 20}, {"n": 2000, "N": 2000, "T": 400, "B": 400},
+                  {"n": 2000, "N": 4000, "T": 50, "B": 50}],
+        "memory": {"n x n float32": lambda s: 4 * s["n"] ** 2, "n x T float64": lambda s: 8 * s["n"] * s["T"],
+                   "n x B float32 (a block's solver)": lambda s: 4 * s["n"] * s["B"],
+                   "block x n float64 (1000 models' masks)": lambda s: 8 * 1000 * s["n"],
                    "block x T float64 (1000 models' outputs)": lambda s: 8 * 1000 * s["T"]},
-        "time": {"N n^2 (Gram)": lambda s: s["N"] * s["n"] ** 2, "n^2 T (FISTA)": lambda s: s["n"] ** 2 * s["T"]},
+        "time": {"N n^2 (Gram)": lambda s: s["N"] * s["n"] ** 2, "I n^2 T (I FISTA steps)": lambda s: s["I"] * s["n"] ** 2 * s["T"]},
     },
     "unlearning_attribution": {
         "prepare": prep_ridge_sets, "run": run_ridge_sets, "where": "run.device (ridge_set_contributions)",
@@ -280,6 +324,19 @@ STEPS = {
                    "n t float64 (scores)": lambda s: 8 * s["n"] * s["t"], "k^2 float64 (a factor)": lambda s: 8 * s["k"] ** 2},
         "time": {"M n k^2": lambda s: s["M"] * s["n"] * s["k"] ** 2, "M n t k": lambda s: s["M"] * s["n"] * s["t"] * s["k"],
                  "M k^3": lambda s: s["M"] * s["k"] ** 3, "M (n+t) k (reading features)": lambda s: s["M"] * (s["n"] + s["t"]) * s["k"]},
+    },
+    "comparison_trak": {
+        "prepare": prep_comparison, "run": run_comparison,
+        "where": "host (stage 05's run_trak: TRAK chosen and scored on attribution.num_targets targets)", "dtype": "float64",
+        "sweep": [{"n": 2000, "t": 200, "k": 256, "R": 5}, {"n": 4000, "t": 200, "k": 256, "R": 5},
+                  {"n": 2000, "t": 400, "k": 256, "R": 5}, {"n": 2000, "t": 200, "k": 512, "R": 5},
+                  {"n": 2000, "t": 200, "k": 256, "R": 2}],
+        "memory": {"R n t float64 (a sum and a candidate per ridge)": lambda s: 8 * s["R"] * s["n"] * s["t"],
+                   "n t float64 (chosen scores, thresholds)": lambda s: 8 * s["n"] * s["t"],
+                   "(n + t) k float32 (one model's features)": lambda s: 4 * (s["n"] + s["t"]) * s["k"],
+                   "k^2 float64 (the kernel)": lambda s: 8 * s["k"] ** 2},
+        "time": {"M n k^2": lambda s: 2 * s["n"] * s["k"] ** 2, "R M n t k": lambda s: 2 * s["R"] * s["n"] * s["t"] * s["k"],
+                 "R n t (selection, LDS)": lambda s: s["R"] * s["n"] * s["t"]},
     },
     "grad_dot": {
         "prepare": prep_gradients, "run": run_grad_dot, "where": "run.device (the parameters whose gradients fit 8 GiB)",
@@ -328,6 +385,8 @@ def derived(step: str, size: dict) -> dict:
     if step == "trak_featurize":
         s["d"] = resnet_params("resnet9", s["width"])
         s["chunk"] = gradient_chunk(s["d"])
+    if step == "datamodels_fit":
+        s["I"] = FIT_ITERATIONS
     if step == "train_per_model":
         s["d"] = resnet_params("resnet9", s["width"])
         s["flops_per_image"] = train_flops_per_image(s["width"])
@@ -372,6 +431,11 @@ def case_sizes(step: str, case: dict) -> dict:
     if s["d"] is None:
         s["d"] = resnet_params(s["model"])
     s["examples"] = s["n"] + s["t"]
+    if step == "comparison_trak":
+        s["t"], s["R"] = s["scored"], 5  # attribution.num_targets of the profile; trak.ridge_grid's five values
+    if step == "datamodels_fit":  # at most: every target runs every step of the profile's path and refit (no early stop)
+        s["B"] = min(s["T"], target_block(s["n"], torch.float32))
+        s["I"] = s["lambdas"] * s["max_iter"] + 2 * s["max_iter"]
     if step == "unlearning_attribution":
         s["N"] = s["Nu"]
     if step in ("grad_dot", "influence_cg"):
@@ -422,6 +486,9 @@ def main() -> None:
     rates = {name: gemm_rate(dt) for name, dt in (("float32", torch.float32), ("float64", torch.float64), ("bfloat16", torch.bfloat16))}
     out = {"cpu_gemm_flops": rates, "gpu_rates_assumed": GPU_RATES, "limits_gib": {"host": HOST_LIMIT_GIB, "device": DEVICE_LIMIT_GIB},
            "steps": {}}
+    previous = ROOT / "reports" / "bench" / "scale.json"
+    if set(args.steps) != set(STEPS) and previous.exists():  # remeasure some steps: the others stay as they were measured
+        out["steps"] = json.loads(previous.read_text())["steps"]
     for step in args.steps:
         spec = STEPS[step]
         points = []
@@ -445,7 +512,7 @@ def main() -> None:
                 flops = s["subset"] * s["epochs"] * s["flops_per_image"]
                 cases[name].update(flops_per_model=flops, gpu_seconds_from_flops=flops / GPU_RATES["bfloat16"])
         out["steps"][step] = {"where": spec["where"], "dtype": spec["dtype"], "points": points, "memory_fit": mem,
-                              "time_fit": tim, "extrapolated": cases}
+                              "time_fit": tim, "extrapolated": cases, "cpu_gemm_flops": rates}
     write_result("scale", out)
     print(table(out))
 

@@ -1,8 +1,11 @@
 """The compute accounting of the LDS-versus-compute comparison, on synthetic scores."""
 import numpy as np
 import pytest
+import torch
 
-from datalens.applications.comparison import Comparison, Ground, overtaking_point
+from datalens.applications.comparison import Comparison, Ground, comparison_targets, overtaking_point, run_trak
+from datalens.attribution.trak import ModelFeatures
+from datalens.evaluation.metrics import linear_datamodeling_score
 
 
 def _cmp(selection=7):
@@ -58,3 +61,43 @@ def test_overtaking_point_is_the_cheapest_point_above_the_rivals_best():
     point = overtaking_point(recs, proj_dim=8)
     assert (point["models"], point["seconds"], point["trak_best_lds"]) == (500, 8.0, 0.7)
     assert overtaking_point(recs, proj_dim=4) == {}
+
+
+class _Features:
+    """M models' TRAK features over n training examples and t test examples, as a feature store reads them."""
+
+    def __init__(self, n=30, t=12, k=8, models=2):
+        g = torch.Generator().manual_seed(0)
+        self.models = [ModelFeatures(torch.randn(n, k, generator=g), torch.randn(t, k, generator=g), torch.rand(n, generator=g))
+                       for _ in range(models)]
+
+    def features(self, models, k):
+        return [self.models[m] for m in models]
+
+    def seconds(self, M, k):
+        return np.zeros(M)
+
+
+def _ground(targets, n=30, t=12):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(n, t))
+    masks, vm = (rng.random((40, n)) < 0.5).astype(float), (rng.random((9, n)) < 0.5).astype(float)
+    cols = slice(None) if targets is None else targets
+    return Ground(masks, (masks @ w)[:, cols], (masks @ w)[:, cols], vm, (vm @ w)[:, cols], targets)
+
+
+def test_a_comparison_on_a_sample_of_targets_scores_those_columns_of_the_whole():
+    """TRAK on 4 of the 12 test examples: the scores are those columns of TRAK on all 12, and the
+    LDS is theirs against those targets' ground truth."""
+    targets = comparison_targets(12, 4, seed=3)
+    assert len(targets) == 4 and np.all(np.diff(targets) > 0) and np.array_equal(targets, comparison_targets(12, 4, seed=3))
+    assert comparison_targets(12, 0, seed=3) is None and comparison_targets(12, 12, seed=3) is None
+    whole, part = (Comparison(0.5, _ground(tg), keep={("trak", 2, 8)}) for tg in (None, targets))
+    for cmp in (whole, part):
+        run_trak(cmp, _Features(), [2], [8], [0.1])
+    # equal up to float32 rounding: the features' products run in their precision
+    np.testing.assert_allclose(part.scores[("trak", 2, 8)], whole.scores[("trak", 2, 8)][:, targets], rtol=1e-4, atol=1e-6)
+    g = part.ground
+    assert part.records[0]["lds"] == pytest.approx(linear_datamodeling_score(whole.scores[("trak", 2, 8)][:, targets], g.masks,
+                                                                             g.actual_mean), rel=1e-5)
+    assert part.records[0]["lds"] != pytest.approx(whole.records[0]["lds"], rel=1e-3)  # other targets, another mean

@@ -8,7 +8,7 @@ import torch
 from sklearn.linear_model import Lasso
 
 import datalens.attribution.datamodels as datamodels_module
-from datalens.attribution.datamodels import Datamodels, Moments, fit_datamodels, lasso_fista, load_fits, save_fits
+from datalens.attribution.datamodels import Datamodels, Moments, fit_datamodels, lasso_fista, load_fits, save_fit
 
 
 def _planted(n_models=1200, n=60, targets=4, k=5, noise=0.1, seed=0):
@@ -136,6 +136,39 @@ def test_standardising_holds_one_gram_beside_the_moments_not_the_several_tempora
     assert _peak_growth_mib(whole) > budget  # the budget does separate the two
 
 
+def test_targets_fitted_in_blocks_equal_the_fit_of_all_at_once():
+    """Each target is its own lasso: blocks of 3 give the path, the chosen lambdas and the refit of
+    the whole (to the solver's tolerance; a block may raise the step constant for the next)."""
+    x, y, _ = _planted(n_models=700, n=50, targets=11, noise=0.3, seed=5)
+    train, val = Moments.from_blocks([(x[:600], y[:600])]), Moments.from_blocks([(x[600:], y[600:])])
+    whole, d_whole = fit_datamodels(train, val, num_lambdas=20, max_iter=5000, tol=1e-10, progress=False)
+    blocked, d_blocked = fit_datamodels(train, val, num_lambdas=20, max_iter=5000, tol=1e-10, progress=False, block=3)
+    np.testing.assert_array_equal(d_blocked["best_index"], d_whole["best_index"])
+    np.testing.assert_allclose(d_blocked["lambda_grid"], d_whole["lambda_grid"], rtol=1e-12)
+    np.testing.assert_allclose(d_blocked["val_mse_path"], d_whole["val_mse_path"], rtol=1e-7)
+    np.testing.assert_allclose(blocked.weight, whole.weight, atol=1e-7)
+
+
+def test_fitting_targets_in_blocks_keeps_the_working_set_within_a_budget_all_at_once_exceeds():
+    """n = 600, T = 600: the solver's (n, T) float64 working set over all targets is about
+    24 x 2.7 MiB; in blocks of 40 targets the fit holds the Gram, the moments and the (n, T)
+    results (about 12 such arrays) and one block's iterates, inside a budget that the fit of all
+    targets at once does not meet."""
+    setup = """
+        from datalens.attribution.datamodels import fit_datamodels
+        rng = np.random.default_rng(0)
+        masks = rng.random((240, 600)) < 0.5
+        y = masks @ (rng.normal(size=(600, 600)) * (rng.random((600, 600)) < 0.01)) + rng.normal(size=(240, 600))
+        train, val = Moments.from_blocks([(masks[:200], y[:200])]), Moments.from_blocks([(masks[200:], y[200:])])
+        def run():
+            fit_datamodels(train, val, num_lambdas=3, max_iter=10, progress=False, block=BLOCK)
+    """
+    array_mib = 600 * 600 * 8 / 2 ** 20
+    budget = 16 * array_mib
+    assert _peak_growth_mib(setup.replace("BLOCK", "40")) < budget
+    assert _peak_growth_mib(setup.replace("BLOCK", "600")) > budget  # the budget does separate the two
+
+
 def test_zero_models_is_refused():
     with pytest.raises(ValueError, match="zero rows"):
         Moments.from_blocks([])
@@ -210,9 +243,10 @@ def test_saved_fits_come_back_with_their_seconds_and_a_missing_count_is_named(tm
     rng = np.random.default_rng(0)
     dm = Datamodels(weight=rng.normal(size=(6, 3)), bias=rng.normal(size=3), lam=np.ones(3), weight_std=rng.normal(size=(6, 3)),
                     mu=np.full(6, 0.5), sigma=np.full(6, 0.5), ybar=np.zeros(3))
-    save_fits(tmp_path / "fits", {40: (dm, 1.5), 80: (dm, 3.25)})
-    back = load_fits(tmp_path / "fits", [40, 80])
-    assert back[80][1] == 3.25 and np.array_equal(back[40][0].weight, dm.weight)
+    save_fit(tmp_path / "fits", 80, dm, 3.25)
+    save_fit(tmp_path / "fits", 40, dm, 1.5)
+    back = list(load_fits(tmp_path / "fits", [80, 40]))
+    assert [(n, sec) for n, _, sec in back] == [(40, 1.5), (80, 3.25)] and np.array_equal(back[0][1].weight, dm.weight)
     with pytest.raises(FileNotFoundError, match=r"\[60\] models"):
         load_fits(tmp_path / "fits", [40, 60])
 
@@ -256,3 +290,23 @@ def test_each_target_stops_on_its_own_scale():
     for j in range(2):
         ref = _lasso_reference(gram.numpy(), cross[:, j].numpy(), float(lam[j]))
         assert np.abs(w[:, j] - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_the_configuration_checks_memory_estimate_is_below_the_fits_measured_peak():
+    """The check that refuses a fit before it starts (datalens.core.memory) counts only arrays the fit
+    must hold: at n = 600, T = 600 its estimate is below the peak the fit is measured to reach, so a
+    refusal is never of a fit that would have fitted."""
+    from datalens.core.memory import _needs
+    estimate = next(need for param, _, what, need, _ in _needs({"device": "cpu", "datamodels.max_iter": 10}, 600, 600)
+                    if what.startswith("the datamodels fit"))
+    setup = """
+        from datalens.attribution.datamodels import fit_datamodels
+        rng = np.random.default_rng(0)
+        masks = rng.random((240, 600)) < 0.5
+        y = masks @ (rng.normal(size=(600, 600)) * (rng.random((600, 600)) < 0.01)) + rng.normal(size=(240, 600))
+        def run():
+            global train, val
+            train, val = Moments.from_blocks([(masks[:200], y[:200])]), Moments.from_blocks([(masks[200:], y[200:])])
+            fit_datamodels(train, val, num_lambdas=3, max_iter=10, progress=False, block=40)
+    """
+    assert estimate / 2 ** 20 < _peak_growth_mib(setup)

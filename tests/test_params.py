@@ -182,3 +182,19 @@ def test_unlearning_learning_rates_must_cover_every_method(root):
     with pytest.raises(ParamError, match="unlearning.klom.direction='both'"):
         stage_params("unlearning", root / "params.yaml", {"unlearning.klom": {"bins": 20, "clip": 100.0, "floor": 1e-5,
                                                                              "direction": "both"}}, environment=False)
+
+
+def test_a_step_whose_largest_arrays_exceed_the_memory_is_refused_naming_the_param(root, monkeypatch):
+    """With the machine's memory taken as 50 MiB: TRAK at k = 2048 (about 110 MiB) is refused, in one
+    line naming trak.proj_dims, before any work; at k <= 512 it passes, and a sample of 50 targets
+    brings the comparison's score arrays within it."""
+    monkeypatch.setenv("DATALENS_MEMORY_LIMIT_GIB", str(50 / 1024))
+    with pytest.raises(ParamError) as refused:
+        stage_params("attribution_comparison", root / "params.yaml")
+    lines = str(refused.value).splitlines()
+    assert [line.split("=")[0] for line in lines] == ["trak.proj_dims", "attribution.num_targets"], lines
+    assert "110 MiB" in lines[0] and "50 MiB of the host" in lines[0]
+    stage_params("attribution_comparison", root / "params.yaml", {"trak.proj_dims": [128, 512], "attribution.num_targets": 50})
+    monkeypatch.setenv("DATALENS_MEMORY_LIMIT_GIB", str(20 / 1024))
+    with pytest.raises(ParamError, match=r"^data.dataset='digits' is not allowed here: the datamodels fit over n = 1,347"):
+        stage_params("fit_datamodels", root / "params.yaml")

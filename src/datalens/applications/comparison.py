@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from datalens.training.engine import init_models, interval_lrs, resolve_device, 
 from datalens.evaluation.metrics import linear_datamodeling_score, select_by_lds
 from datalens.training.runs import SubsetRun
 from datalens.core.store import SubsetStore
-from datalens.attribution.trak import FeatureStore, kernel_terms, soft_threshold
+from datalens.attribution.trak import FeatureStore, ModelFeatures, kernel_terms, soft_threshold
 
 ACCOUNTING = ("Charged to every method: each trained model it uses (subset models, checkpoints, and the {s} "
               "validation models on which it chooses a hyperparameter) at {rate:.1f} ms per model, plus its own "
@@ -36,14 +37,30 @@ ACCOUNTING = ("Charged to every method: each trained model it uses (subset model
 
 @dataclass
 class Ground:
-    """LDS ground truth: evaluation masks (m, n) with mean and single-model margins (m, t);
-    and the selection (validation) masks (s, n) and margins (s, t) from the training store."""
+    """LDS ground truth on t targets: evaluation masks (m, n) with mean and single-model margins
+    (m, t); the selection (validation) masks (s, n) and margins (s, t) from the training store; and
+    ``targets`` (t,), the test examples they are (None: every test example, in order)."""
 
     masks: np.ndarray
     actual_mean: np.ndarray
     actual_single: np.ndarray
     val_masks: np.ndarray
     val_margins: np.ndarray
+    targets: np.ndarray | None = None
+
+    @property
+    def cols(self):
+        """Indexes the test set's columns (or examples) down to the targets."""
+        return slice(None) if self.targets is None else self.targets
+
+
+def comparison_targets(num_test: int, num_targets: int, seed: int) -> np.ndarray | None:
+    """The test examples the comparison scores: all of them for ``num_targets`` 0 (None), else a
+    seeded sample of that many, in test-set order. Every method's (n, t) scores are held while it
+    is chosen and scored, so t is what stage attribution_comparison's host memory grows by."""
+    if num_targets == 0 or num_targets >= num_test:
+        return None
+    return np.sort(np.random.default_rng([seed, 23]).choice(num_test, num_targets, replace=False))
 
 
 @dataclass
@@ -90,6 +107,7 @@ def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], pro
         for m in range(max(num_models)):
             t0 = time.perf_counter()
             f = features.features([m], k)[0]
+            f = ModelFeatures(f.train, f.targets[cmp.ground.cols], f.q)
             for r, term in kernel_terms(f, ridges).items():
                 sums[r] = sums[r] + term
             q_sum = q_sum + f.q.double()
@@ -113,19 +131,19 @@ def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], pro
                                         for r, c in candidates.items()}
 
 
-def run_datamodels(cmp: Comparison, fits: dict[int, tuple[datamodels.Datamodels, float]]) -> None:
+def run_datamodels(cmp: Comparison, fits: Iterable[tuple[int, datamodels.Datamodels, float]]) -> None:
     """Datamodels from the first N models, for each N: the fits of stage fit_datamodels
-    (``datamodels.load_fits``; lambda chosen on each fit's own validation split), each charged
-    the wall seconds its fit took there."""
-    for n, (dm, seconds) in sorted(fits.items()):
-        cmp.add("datamodels", n, seconds, dm.weight, False)
+    (``datamodels.load_fits``, read one at a time; lambda chosen on each fit's own validation
+    split), each charged the wall seconds its fit took there."""
+    for n, dm, seconds in fits:
+        cmp.add("datamodels", n, seconds, dm.weight[:, cmp.ground.cols], False)
 
 
 def run_empirical_influence(cmp: Comparison, store: SubsetStore, counts: list[int]) -> None:
     done = np.flatnonzero(store.completed())
     for n in counts:
         t0 = time.perf_counter()
-        scores = baselines.empirical_influence(store.read("masks", done[:n]), store.read("test_outputs", done[:n]))
+        scores = baselines.empirical_influence(store.read("masks", done[:n]), store.read("test_outputs", done[:n])[:, cmp.ground.cols])
         cmp.add("empirical_influence", n, time.perf_counter() - t0, scores, False)
 
 
@@ -138,6 +156,7 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     Dampings are chosen on validation models. Checkpoint loading is timed."""
     device = resolve_device(run.device)  # the device TRAK is timed on: every method is charged on the same one
     x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
+    x_te, y_te = x_te[cmp.ground.cols], y_te[cmp.ground.cols]
     task = run.make_task()
     n_max = max(ensemble_sizes)
     load, models = [], []
@@ -188,6 +207,7 @@ def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epoch
     the store keeps final weights; it is charged as one model at the common per-model rate."""
     device = resolve_device(run.device)
     x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
+    x_te, y_te = x_te[cmp.ground.cols], y_te[cmp.ground.cols]
     seeds, task = run.model_seeds(0, 1), run.make_task()
     trained = train_models(task, [m.to(device) for m in init_models(run.build_model, seeds)], x_tr, y_tr, mask[None], seeds,
                            run.settings, snapshot_epochs=snapshot_epochs)

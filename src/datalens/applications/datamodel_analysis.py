@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
-from datalens.attribution.datamodels import Datamodels, fit_from_store
+from datalens.attribution.datamodels import Datamodels, fit_from_store, save_fit
 from datalens.core.config import ParamError
 from datalens.core.data import Dataset
 from datalens.evaluation.metrics import evaluate_heldout
@@ -18,18 +18,19 @@ from datalens.tasks.classification import correct_class_margins
 
 
 def fit_and_grow(train_store, held_out: tuple[np.ndarray, np.ndarray, np.ndarray], solver: dict, val_fraction: float,
-                 seed: int, model_counts: list[int]) -> tuple[Datamodels, dict, dict[int, tuple[Datamodels, float]]]:
+                 seed: int, model_counts: list[int], fits_dir) -> tuple[Datamodels, dict]:
     """Datamodels on every completed model of ``train_store`` and refits on the first
     ``model_counts`` (those below the total), each scored on ``held_out`` = (masks (m, n),
     outputs averaged over repeats (m, t), outputs of one repeat (m, t)).
 
-    Returns the full fit, its result (held-out scores, sparsity, unconverged solves and
-    ``growth``: the scores per model count, the full fit's last) and every fit with its wall
-    seconds, by model count (stage 05 charges them instead of refitting)."""
+    Every fit goes to ``fits_dir`` with its wall seconds as soon as it is made (stage 05 charges
+    them instead of refitting), so at most two are held at once (at paper scale each is 8 GB).
+    Returns the full fit and its result (held-out scores, sparsity, unconverged solves and
+    ``growth``: the scores per model count, the full fit's last)."""
     t0 = time.perf_counter()
     dm, diag = fit_from_store(train_store, val_fraction=val_fraction, seed=seed, **solver)
     num_models = int(train_store.completed().sum())
-    fits = {num_models: (dm, time.perf_counter() - t0)}
+    save_fit(fits_dir, num_models, dm, time.perf_counter() - t0)
     result = {"num_models": num_models, **evaluate_heldout(dm.weight, dm.bias, *held_out)}
     result["mean_nonzero_weights"] = float((dm.weight != 0).sum(0).mean())
     result["unconverged_solves"] = int(diag["unconverged_solves"])
@@ -37,11 +38,12 @@ def fit_and_grow(train_store, held_out: tuple[np.ndarray, np.ndarray, np.ndarray
     for n_models in sorted(n for n in model_counts if n < num_models):
         t0 = time.perf_counter()
         dm_n, _ = fit_from_store(train_store, num_models=n_models, val_fraction=val_fraction, seed=seed, progress=False, **solver)
-        fits[n_models] = (dm_n, time.perf_counter() - t0)
+        save_fit(fits_dir, n_models, dm_n, time.perf_counter() - t0)
         growth[n_models] = evaluate_heldout(dm_n.weight, dm_n.bias, *held_out)
+        del dm_n
     growth[num_models] = {k: result[k] for k in growth[min(growth)]} if growth else {}
     result["growth"] = {str(k): v for k, v in growth.items()}
-    return dm, result, fits
+    return dm, result
 
 
 def correct_class_datamodels(train_store, y_test: np.ndarray, solver: dict, val_fraction: float, seed: int) -> Datamodels:

@@ -1,7 +1,7 @@
 """Datamodels: for every target, a sparse linear model from a 0/1 training mask to the
 margin of a model trained on that subset (Ilyas et al., 2022; docs/methods.md).
 
-The solver fits all targets at once. It minimises, per target t,
+The solver fits many targets at once (in blocks sized to a memory budget). It minimises, per target t,
 
     1/(2N) * || y_t - ybar_t - Z w_t ||^2 + lambda_t * ||w_t||_1
 
@@ -10,7 +10,8 @@ with Z the masks standardised by the training models' mean and std (scikit-learn
 Gram matrix, so its cost per iteration is independent of the number of models. The
 Gram matrix is built by streaming blocks of models, so a store larger than memory fits,
 on the device the fit runs on; the host never holds an (n, n) array, and the device holds
-the masks' Gram as exact float32 counts, the standardised Gram and the (n, T) iterates.
+the masks' Gram as exact float32 counts, the standardised Gram, the (n, T) path solutions at
+the chosen lambdas and one block of targets' iterates.
 
 The path: per-target ``lambda_max = max_i |Z^T (y - ybar)|_i / N``, then a geometric
 grid of ``num_lambdas`` values down to ``eps * lambda_max``, with warm starts. Each
@@ -77,27 +78,47 @@ class Moments:
     def to(self, device) -> "Moments":
         return Moments(self.count, *(getattr(self, f).to(device) for f in ("sx", "sy", "sxx", "sxy", "syy")))
 
-    def standardised(self, dtype: torch.dtype = torch.float64, plus: "Moments | None" = None, block: int | None = None):
-        """Of these models (or of these and ``plus`` together, without forming the sum), on their
-        device: mu (n,), sigma (n,), ybar (T,) float64; C = Z^T Z / N (n, n) and c = Z^T (y - ybar) / N
-        (n, T) in ``dtype``. C is built ``block`` rows at a time (default: 2^20 entries' worth), so
-        besides the moments only C itself is (n, n)."""
-        parts = [self] if plus is None else [self, plus]
+    def _with(self, plus: "Moments | None") -> list["Moments"]:
+        return [self] if plus is None else [self, plus]
+
+    def scaling(self, plus: "Moments | None" = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Of these models (or of these and ``plus`` together, without forming the sum): the masks'
+        mean mu (n,) and std sigma (n,) and the mean margin ybar (T,), float64 on their device."""
+        parts = self._with(plus)
         n = sum(p.count for p in parts)
         mu = sum(p.sx for p in parts) / n
         var = sum(torch.diagonal(p.sxx).double() for p in parts) / n - mu * mu
         sigma = torch.sqrt(torch.clamp(var, min=0.0))
         sigma[sigma < 1e-12] = 1.0  # an example in every (or no) mask carries no signal
-        ybar = sum(p.sy for p in parts) / n
-        size = len(mu)
+        return mu, sigma, sum(p.sy for p in parts) / n
+
+    def gram(self, mu: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype = torch.float64, plus: "Moments | None" = None,
+             block: int | None = None) -> torch.Tensor:
+        """C = Z^T Z / N (n, n) in ``dtype``, built ``block`` rows at a time (default: 2^20 entries'
+        worth), so besides the moments only C itself is (n, n)."""
+        parts = self._with(plus)
+        n, size = sum(p.count for p in parts), len(mu)
         block = block or max(1, 2 ** 20 // size)
         gram = torch.empty((size, size), dtype=dtype, device=mu.device)
         for a in range(0, size, block):
             rows = sum(p.sxx[a:a + block].double() for p in parts)
             gram[a:a + block] = (rows / n - mu[a:a + block, None] * mu[None]) / (sigma[a:a + block, None] * sigma[None])
-        sxy = sum(p.sxy for p in parts)
-        cross = ((sxy / n - mu[:, None] * ybar[None]) / sigma[:, None]).to(dtype)
-        return mu, sigma, ybar, gram, cross
+        return gram
+
+    def cross(self, mu: torch.Tensor, sigma: torch.Tensor, ybar: torch.Tensor, dtype: torch.dtype = torch.float64,
+              plus: "Moments | None" = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """c = Z^T (y - ybar) / N (n, len(cols)) in ``dtype``, for targets ``cols`` (default all)."""
+        parts = self._with(plus)
+        n = sum(p.count for p in parts)
+        pick = (lambda a: a) if cols is None else (lambda a: a[..., cols])
+        sxy = sum(pick(p.sxy) for p in parts)
+        return ((sxy / n - mu[:, None] * pick(ybar)[None]) / sigma[:, None]).to(dtype)
+
+    def standardised(self, dtype: torch.dtype = torch.float64, plus: "Moments | None" = None, block: int | None = None):
+        """mu (n,), sigma (n,), ybar (T,) float64; C (n, n) and c (n, T) in ``dtype``: :meth:`scaling`,
+        :meth:`gram` and :meth:`cross` in one call."""
+        mu, sigma, ybar = self.scaling(plus)
+        return mu, sigma, ybar, self.gram(mu, sigma, dtype, plus, block), self.cross(mu, sigma, ybar, dtype, plus)
 
     def mse(self, weights: torch.Tensor, bias: torch.Tensor, cols: np.ndarray | None = None, block: int | None = None) -> np.ndarray:
         """Mean squared error of raw-space predictions ``X @ weights + bias`` on these models,
@@ -245,57 +266,71 @@ def lambda_grid(cross: np.ndarray, num: int, eps: float) -> np.ndarray:
     return lam_max[None, :] * np.geomspace(1.0, eps, num)[:, None]
 
 
+# Arrays of (n, targets) the solver holds per target it fits at once: FISTA's iterates, carried products
+# and their temporaries (about 20), the path's warm start and the block of the cross term.
+WORKING_ARRAYS = 24
+FIT_BUDGET = 2 ** 31  # bytes of that working set: targets are fitted in blocks that fit it
+
+
+def target_block(n: int, dtype: torch.dtype, budget: int = FIT_BUDGET) -> int:
+    """Targets fitted at once over ``n`` training examples: as many as keep the solver's
+    :data:`WORKING_ARRAYS` (n, block) arrays within ``budget`` bytes (at least one)."""
+    return max(1, budget // (WORKING_ARRAYS * n * torch.finfo(dtype).bits // 8))
+
+
 def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: float = 1e-3, max_iter: int = 300,
-                   tol: float = 1e-5, device: str = "cpu", progress: bool = True) -> tuple[Datamodels, dict]:
+                   tol: float = 1e-5, device: str = "cpu", progress: bool = True, dtype: torch.dtype | None = None,
+                   block: int | None = None) -> tuple[Datamodels, dict]:
     """Fit along the path on ``train``, select each target's lambda on ``val``, refit on both.
 
+    The solves run in ``dtype`` (default float64 on the CPU, float32 on a GPU) and take the
+    targets ``block`` at a time (default :func:`target_block`), so besides the moments the
+    device holds one (n, n) Gram, the (n, T) path solutions at the chosen lambdas and one
+    block's working set. Targets are independent: a block's solutions are those of the whole
+    (up to the step constant, which one block may raise for the next).
+
     Returns the datamodels and a diagnostics dict: val MSE path (num_lambdas, T), chosen index (T,),
-    the lambda grid, the number of solves stopped by ``max_iter``, and the refit's starting point
-    (n, T): each target's path solution at its chosen lambda.
+    the lambda grid (num_lambdas, T), the number of solves stopped by ``max_iter``, and the refit's
+    starting point (n, T): each target's path solution at its chosen lambda.
     """
-    dtype = torch.float64 if device == "cpu" else torch.float32
+    dtype = dtype or (torch.float64 if device == "cpu" else torch.float32)
     train, val = train.to(device), val.to(device)
-    mu, sigma, ybar, gram, cross = train.standardised(dtype)
-    grid = lambda_grid(cross, num_lambdas, eps)
+    mu, sigma, ybar = train.scaling()
+    gram = train.gram(mu, sigma, dtype)
+    n, T = gram.shape[0], len(ybar)
+    block = block or target_block(n, dtype)
+    blocks = [torch.arange(a, min(a + block, T), device=device) for a in range(0, T, block)]
     L = _lipschitz(gram)
-    n, T = cross.shape
-    w = torch.zeros((n, T), dtype=dtype, device=device)
+    grid = np.empty((num_lambdas, T))
     val_mse = np.full((num_lambdas, T), np.nan)
-    best = np.full(T, np.inf)
     best_idx = np.zeros(T, dtype=int)
-    active = np.ones(T, dtype=bool)
-    w_best = torch.zeros_like(w)
+    w_best = torch.zeros((n, T), dtype=dtype, device=device)
     unconverged = 0
-    for k in progress_bar(range(num_lambdas), desc="lasso path", disable=not progress):
-        cols = np.flatnonzero(active)
-        if len(cols) == 0:
-            break
-        cols_t = torch.as_tensor(cols, device=device)
-        lam_k = torch.as_tensor(grid[k, cols], dtype=dtype, device=device)
-        w_cols, info = lasso_fista(gram, cross[:, cols_t], lam_k, w[:, cols_t], max_iter, tol, L, return_info=True)
-        L = info["lipschitz"]  # raised where a step showed the estimate short
-        unconverged += not info["converged"]
-        w[:, cols_t] = w_cols
-        raw = w_cols.double() / sigma[:, None]
-        mse = val.mse(raw, ybar[cols_t] - mu @ raw, cols)
-        val_mse[k, cols] = mse
-        improved = mse < best[cols]
-        best[cols[improved]] = mse[improved]
-        best_idx[cols[improved]] = k
-        w_best[:, cols_t[torch.as_tensor(improved, device=device)]] = w_cols[:, torch.as_tensor(improved, device=device)]
-        nonzero = (w_cols != 0).sum(0).cpu().numpy()
-        rising = (mse > best[cols]) & (k >= 10) & (nonzero > 1)
-        active[cols[rising]] = False
-    del gram, cross, w  # the refit's Gram takes their place
+    bar = progress_bar(total=len(blocks) * num_lambdas, desc="lasso path", disable=not progress)
+    for cols in blocks:
+        cross = train.cross(mu, sigma, ybar, dtype, cols=cols)
+        grid[:, cols.cpu().numpy()] = lambda_grid(cross, num_lambdas, eps)
+        L, solves = _path(gram, cross, cols.cpu().numpy(), grid, val, mu, sigma, ybar, L, max_iter, tol, val_mse, best_idx, w_best,
+                          bar)
+        unconverged += solves
+        del cross
+    bar.close()
+    del gram  # the refit's Gram takes its place
     lam_train = grid[best_idx, np.arange(T)]
     # refit on train + val at each target's chosen lambda; lambda is on the same 1/N scale
-    mu, sigma, ybar, gram, cross = train.standardised(dtype, plus=val)
-    # warm start from each target's solution at its chosen lambda (not the path's last one)
-    w_std, info = lasso_fista(gram, cross, torch.as_tensor(lam_train, dtype=dtype, device=device), w_best, max_iter * 2, tol,
-                              return_info=True)
-    w_std = w_std.cpu().numpy()
+    mu, sigma, ybar = train.scaling(plus=val)
+    gram = train.gram(mu, sigma, dtype, plus=val)
+    L = _lipschitz(gram)
+    w_std = np.empty((n, T))
+    for cols in blocks:
+        # warm start from each target's solution at its chosen lambda (not the path's last one)
+        solved, info = lasso_fista(gram, train.cross(mu, sigma, ybar, dtype, plus=val, cols=cols),
+                                   torch.as_tensor(lam_train[cols.cpu().numpy()], dtype=dtype, device=device), w_best[:, cols],
+                                   max_iter * 2, tol, L, return_info=True)
+        w_std[:, cols.cpu().numpy()] = solved.cpu().numpy()
+        L = info["lipschitz"]
+        unconverged += not info["converged"]
     mu, sigma, ybar = mu.cpu().numpy(), sigma.cpu().numpy(), ybar.cpu().numpy()
-    unconverged += not info["converged"]
     if unconverged:
         warnings.warn(f"the lasso solver reached datamodels.max_iter={max_iter} before datamodels.tol={tol} in {unconverged} "
                       f"of its solves; raise max_iter (or tol) for a fit that is closer to the optimum", stacklevel=2)
@@ -305,26 +340,69 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
                 "refit_start": w_best.cpu().numpy()}
 
 
-def save_fits(directory, fits: dict[int, tuple[Datamodels, float]]) -> None:
-    """Datamodels fit on the first N models, for several N, with each fit's wall seconds:
-    ``directory/N.npz`` and ``directory/seconds.json`` (stage fit_datamodels writes them; the
-    method comparison charges those seconds instead of fitting again)."""
+def _path(gram, cross, targets: np.ndarray, grid: np.ndarray, val: Moments, mu, sigma, ybar, L: float, max_iter: int, tol: float,
+          val_mse: np.ndarray, best_idx: np.ndarray, w_best: torch.Tensor, bar) -> tuple[float, int]:
+    """The lasso path of one block of ``targets`` (their cross term (n, block)), warm-started down
+    ``grid``; fills their columns of ``val_mse``, ``best_idx`` and ``w_best`` (each target's
+    solution at its lowest validation MSE). Returns the step constant and the solves stopped by
+    ``max_iter``."""
+    device, num_lambdas = cross.device, len(grid)
+    w = torch.zeros_like(cross)
+    best = np.full(len(targets), np.inf)
+    active = np.ones(len(targets), dtype=bool)
+    unconverged = 0
+    for k in range(num_lambdas):
+        local = np.flatnonzero(active)
+        if len(local) == 0:
+            bar.update(num_lambdas - k)
+            break
+        cols, local_t = targets[local], torch.as_tensor(local, device=device)
+        lam_k = torch.as_tensor(grid[k, cols], dtype=cross.dtype, device=device)
+        w_cols, info = lasso_fista(gram, cross[:, local_t], lam_k, w[:, local_t], max_iter, tol, L, return_info=True)
+        L = info["lipschitz"]  # raised where a step showed the estimate short
+        unconverged += not info["converged"]
+        w[:, local_t] = w_cols
+        raw = w_cols.double() / sigma[:, None]
+        cols_t = torch.as_tensor(cols, device=device)
+        mse = val.mse(raw, ybar[cols_t] - mu @ raw, cols)
+        val_mse[k, cols] = mse
+        improved = mse < best[local]
+        best[local[improved]] = mse[improved]
+        best_idx[cols[improved]] = k
+        improved_t = torch.as_tensor(improved, device=device)
+        w_best[:, cols_t[improved_t]] = w_cols[:, improved_t]
+        nonzero = (w_cols != 0).sum(0).cpu().numpy()
+        rising = (mse > best[local]) & (k >= 10) & (nonzero > 1)
+        active[local[rising]] = False
+        bar.update(1)
+    return L, unconverged
+
+
+def save_fit(directory, num_models: int, dm: Datamodels, seconds: float) -> None:
+    """Datamodels fit on the first ``num_models`` models, with the fit's wall seconds:
+    ``directory/N.npz`` and an entry of ``directory/seconds.json`` (stage fit_datamodels writes one
+    per model count as it fits them, so no two are held at once; the method comparison charges
+    those seconds instead of fitting again)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for n, (dm, _) in fits.items():
-        dm.save(directory / f"{n}.npz")
-    (directory / "seconds.json").write_text(json.dumps({str(n): sec for n, (_, sec) in fits.items()}, indent=1))
+    dm.save(directory / f"{num_models}.npz")
+    index = directory / "seconds.json"
+    seconds_by_count = json.loads(index.read_text()) if index.exists() else {}
+    seconds_by_count[str(num_models)] = seconds
+    index.write_text(json.dumps(dict(sorted(seconds_by_count.items(), key=lambda kv: int(kv[0]))), indent=1))
 
 
-def load_fits(directory, counts: Sequence[int]) -> dict[int, tuple[Datamodels, float]]:
-    """The fits :func:`save_fits` wrote, for ``counts``; a missing one is an error that says which."""
+def load_fits(directory, counts: Sequence[int]) -> Iterator[tuple[int, Datamodels, float]]:
+    """The fits :func:`save_fit` wrote, for ``counts`` in increasing order: (N, datamodels, seconds),
+    read one at a time (at paper scale each is two (n, T) float64 arrays, 8 GB). A missing count is
+    an error that says which, raised before any is read."""
     directory = Path(directory)
     seconds = json.loads((directory / "seconds.json").read_text()) if (directory / "seconds.json").exists() else {}
     missing = [n for n in counts if str(n) not in seconds or not (directory / f"{n}.npz").exists()]
     if missing:
         raise FileNotFoundError(f"no datamodels fit on {missing} models in {directory}; run stage fit_datamodels with "
                                 f"datamodels.model_counts covering them first")
-    return {n: (Datamodels.load(directory / f"{n}.npz"), float(seconds[str(n)])) for n in counts}
+    return ((n, Datamodels.load(directory / f"{n}.npz"), float(seconds[str(n)])) for n in sorted(counts))
 
 
 def split_models(num_models: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from datalens.core.data import DATASETS, dataset_sizes, missing_data, resolve_callable
 from datalens.core.execution import ray_reachable
+from datalens.core.memory import memory_problems
 from datalens.core.models import MODELS
 
 
@@ -272,6 +273,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
     "attribution.tracin_epochs": _int_list(1),
     "attribution.selection_models": _int(MIN_RANKED),
     "attribution.ekfac_dampings": _float_list(0.0),
+    "attribution.num_targets": _int(0),
     "modeldiff.attribution": _choice("datamodels", "trak"),
     "modeldiff.num_models": _int(20),
     "modeldiff.num_checkpoints": _int(2),
@@ -404,6 +406,8 @@ class ParamRules(BaseModel):
                    "every attribution.tracin_epochs must be <= train.epochs")
         self._rule(info, ("attribution.selection_models", "train.num_checkpoints", "train.num_models"), lambda s, k, n: s + k <= n,
                    "the selection models (the last attribution.selection_models of the run) must not overlap the checkpointed ones")
+        self._rule(info, ("attribution.num_targets", "data.dataset"), lambda t, d: t <= self._sizes(info)(d)[1],
+                   "attribution.num_targets must be <= the test set size (0 scores every test example)")
         return self
 
     @model_validator(mode="after")
@@ -442,7 +446,8 @@ class ParamRules(BaseModel):
 def environment_problems(flat: dict[str, Any], root: str | Path = ".") -> list[str]:
     """What this machine must offer for the params to run, one line per lack: a visible CUDA
     device for ``device: cuda`` or GPUs per task, a Ray cluster that answers at
-    ``execution.address``, and the data files of ``data.dataset``."""
+    ``execution.address``, the data files of ``data.dataset``, and the memory the largest arrays
+    of the steps these params run need (:func:`datalens.core.memory.memory_problems`)."""
     found = []
     if not torch.cuda.is_available():
         if flat.get("device") == "cuda":
@@ -456,9 +461,12 @@ def environment_problems(flat: dict[str, Any], root: str | Path = ".") -> list[s
         except (ValueError, ConnectionError) as exc:
             found.append(str(exc))
     if "data.dataset" in flat and "data.root" in flat:
-        missing = missing_data(flat["data.dataset"], resolve_location({"_root": str(root)}, flat["data.root"]))
+        data_root = resolve_location({"_root": str(root)}, flat["data.root"])
+        missing = missing_data(flat["data.dataset"], data_root)
         if missing:
             found.append(f"data.root={flat['data.root']!r}: {missing}")
+        else:  # the largest arrays of the steps these params run, against the memory they run in
+            found += memory_problems(flat, lambda dataset: dataset_sizes(dataset, data_root, root))
     return found
 
 

@@ -119,12 +119,15 @@ def histogram(values: np.ndarray, path: Path, xlabel: str, title: str = "") -> P
     return _save(fig, path)
 
 
-def top_attributed(scores: np.ndarray, targets, images_test, images_train, labels_test, labels_train, path: Path, k: int = 5) -> Path:
+def top_attributed(scores: np.ndarray, targets, images_test, images_train, labels_test, labels_train, path: Path, k: int = 5,
+                   target_ids=None) -> Path:
     """Per target row: the test image, then its k most positive and k most negative training examples.
-    scores: (n_train, n_test)."""
+    scores: (n_train, n_test); ``target_ids`` (n_test,): the number each column is shown by
+    (default its index)."""
     imgs, titles = [], []
     for t in targets:
-        imgs.append(images_test[t]); titles.append(f"test #{t} (y={labels_test[t]})")
+        shown = t if target_ids is None else target_ids[t]
+        imgs.append(images_test[t]); titles.append(f"test #{shown} (y={labels_test[t]})")
         for i in np.argsort(-scores[:, t])[:k]:
             imgs.append(images_train[i]); titles.append(f"+{scores[i, t]:.2f} y={labels_train[i]}")
         for i in np.argsort(scores[:, t])[:k]:

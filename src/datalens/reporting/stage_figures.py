@@ -111,8 +111,10 @@ def comparison_figures(cmp, proj_dims: list[int], num_models: list[int], ridge_g
                             "soft threshold (chosen on validation)": [r["lds_soft_threshold"] for r in trak_recs if r["proj_dim"] == k_max]},
                fig / "trak_soft_threshold.png", "models ensembled (M)", "LDS", "TRAK soft-thresholding", logx=True)
     rng = np.random.default_rng(seed)
-    plots.top_attributed(cmp.scores[("trak", top["models_used"], k_max)], rng.choice(ds.n_test, 4, replace=False),
-                         ds.images_test, ds.images_train, ds.y_test, ds.y_train, fig / "trak_top_images.png")
+    scored = np.arange(ds.n_test) if cmp.ground.targets is None else cmp.ground.targets  # test example of each score column
+    plots.top_attributed(cmp.scores[("trak", top["models_used"], k_max)], rng.choice(len(scored), 4, replace=False),
+                         ds.images_test[scored], ds.images_train, ds.y_test[scored], ds.y_train, fig / "trak_top_images.png",
+                         target_ids=scored)
 
 
 # -- unlearning -------------------------------------------------------------------------------
