@@ -41,6 +41,16 @@ class Task:
         """Training loss per example, float32: (..., B)."""
         raise NotImplementedError
 
+    def batch_loss(self, outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per example (..., B), the loss times ``weights`` (B,): the engine sums it for each stacked
+        model's batch, whose padding has weight 0. A task whose loss couples the examples of a
+        batch (contrastive) keeps the padding out of it here."""
+        return self.loss(outputs, targets) * weights
+
+    def training_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """What training sees of the targets (n, ...); by default all of them."""
+        return targets
+
     def mean_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The batch's mean training loss (a scalar); the engine's one-model path and the
         Hessian-based baselines minimise this."""

@@ -218,6 +218,7 @@ def train_models(
     """
     if x.device.type == "cpu":
         keep_freed_memory()
+    y = task.training_targets(y)
     if batched is None:
         batched = all(batchable(m) for m in models)
     if snapshot_epochs:
@@ -391,7 +392,7 @@ def _train_stack(task, models, x, y, subsets, seeds, settings, steps, model_ids)
     def per_model_loss(p, xb, yb, wb):
         with _autocast(x.device, settings):
             out = task.forward(stack.module(p), xb, yb)
-        return (task.loss(out.float(), yb) * wb).sum()
+        return task.batch_loss(out.float(), yb, wb).sum()
 
     fast = task.classes_first_loss() if stack.linear_names is not None else None
     if fast is not None:

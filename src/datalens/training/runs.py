@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datalens.core.captions import NEGATIVES
 from datalens.core.config import get_dotted, resolve_location
 from datalens.core.data import Dataset, load_dataset
 from datalens.training.engine import TrainedModels, TrainSettings, flatten_state, init_models, resolve_device, train_models, unflatten_state
@@ -23,6 +24,7 @@ from datalens.core.execution import LocalExecutor
 from datalens.core.models import build_model
 from datalens.tasks.base import Task
 from datalens.tasks.classification import ClassificationTask
+from datalens.tasks.contrastive import ContrastiveTask
 from datalens.core.progress import progress_bar
 from datalens.core.sampling import model_seed, subset_masks
 from datalens.core.store import SubsetStore, located, open_existing
@@ -81,6 +83,7 @@ class SubsetRun:
             num_checkpoints=int(min(param("train.num_checkpoints"), n)), device=param("device"),
             stream=given.get("stream", "train"), repeats=int(given.get("repeats", 1)), stack_size=int(param("train.stack_size")),
             record_logits=bool(given.get("record_logits", p["train"].get("record_logits", False))),
+            task=given.get("task", "classification"),
             repo=str(p.get("_root", ".")),
         )
 
@@ -121,10 +124,14 @@ class SubsetRun:
         return cached_dataset(self.dataset, self.data_root, self.patch, self.blank, self.repo)
 
     def make_task(self) -> Task:
-        """The task object this run trains and measures."""
-        if self.task != "classification":
-            raise ValueError(f"task {self.task!r} is unknown; allowed values: classification")
-        return ClassificationTask(label_smoothing=self.settings.label_smoothing)
+        """The task object this run trains and measures: classification, or contrastive on a pairs
+        dataset (``datalens.core.captions``), whose pool is its test split."""
+        if self.task == "classification":
+            return ClassificationTask(label_smoothing=self.settings.label_smoothing)
+        if self.task == "contrastive":
+            ds = self.dataset_()
+            return ContrastiveTask.of_pairs(torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test), NEGATIVES)
+        raise ValueError(f"task {self.task!r} is unknown; allowed values: classification, contrastive")
 
     def build_model(self) -> nn.Module:
         ds = self.dataset_()
