@@ -19,7 +19,7 @@ from datalens.training.runs import SubsetRun, train_subset_models
 def _setup(batch=5, pool=7, negatives=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = TwoTower((64,), vocab_size=12, dim=8, hidden=16, text_hidden=16)
+    model = TwoTower((64,), vocab_size=12, dim=8, image_hidden=16, text_hidden=16)
     pool_x, pool_tok = torch.randn(pool, 64, generator=g), torch.randint(0, 12, (pool, 6), generator=g)
     x, tok = torch.randn(batch, 64, generator=g), torch.randint(1, 12, (batch, 6), generator=g)
     neg = torch.as_tensor(negative_indices(batch, pool, negatives, seed))
@@ -94,7 +94,7 @@ def test_two_towers_stacked_under_vmap_equal_each_model_alone():
     models = []
     for s in range(3):
         torch.manual_seed(s)
-        models.append(TwoTower((64,), vocab_size=12, dim=8, hidden=16, text_hidden=16))
+        models.append(TwoTower((64,), vocab_size=12, dim=8, image_hidden=16, text_hidden=16))
     params, buffers = stack_module_state(models)
     stacked = vmap(lambda p, b: task.forward(lambda *a: functional_call(models[0], (p, b), a), x, y))(params, buffers)
     for m, model in enumerate(models):
@@ -129,7 +129,7 @@ def test_contrastive_subset_models_train_stacked_as_alone_and_record_the_clip_ou
     store records each model's CLIP output on the test pairs, against their fixed negatives."""
     settings = TrainSettings(epochs=3, lr=1e-2, batch_size=100)
     run = SubsetRun(dataset="datalens.core.captions:digit_captions", data_root="data", model="datalens.core.two_tower:two_tower",
-                    model_kwargs={"dim": 8, "hidden": 16, "text_hidden": 16}, settings=settings, alpha=0.5, seed=0, num_models=4,
+                    model_kwargs={"dim": 8, "image_hidden": 16, "text_hidden": 16}, settings=settings, alpha=0.5, seed=0, num_models=4,
                     block_size=4, store=str(tmp_path / "clip.zarr"), task="contrastive", stack_size=4)
     ds, task = run.dataset_(), run.make_task()
     x_tr, y_tr, x_te, y_te = ds.tensors()
@@ -142,3 +142,25 @@ def test_contrastive_subset_models_train_stacked_as_alone_and_record_the_clip_ou
     assert (task.output(alone[0], y_te) - task.output(alone[1], y_te)).abs().max() > 0.05
     recorded = train_subset_models(run, progress=False).read("test_outputs", np.arange(4))
     np.testing.assert_allclose(recorded, task.output(stacked, y_te).numpy(), rtol=1e-3, atol=2e-3)
+
+
+def test_a_large_batch_embeds_the_pool_once_and_gives_the_outputs_of_embedding_each_negative():
+    model, task, x, y, pool_x, pool_tok, neg = _setup(batch=5, pool=7, negatives=3)  # 15 negatives > a pool of 7
+    with torch.no_grad():
+        pooled = task.forward(model, x, y)
+        each = torch.cat([task.forward(model, x[i:i + 1], y[i:i + 1]) for i in range(len(x))])  # 3 < 7: one by one
+        direct = model(pool_x[neg.reshape(-1)], pool_tok[neg.reshape(-1)]).reshape(5, 3, 2, -1)
+    torch.testing.assert_close(pooled, each, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled[:, 1:], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_similarity_is_the_mean_of_the_image_and_text_cosines():
+    from datalens.attribution.baselines import embedding_similarity
+    model, task, x, y, *_ = _setup(batch=6)
+    scores = embedding_similarity(task, model, x[:4], y[:4], x[4:], y[4:])
+    with torch.no_grad():
+        img, txt = model(x, y[:, :6])[:, 0].numpy(), model(x, y[:, :6])[:, 1].numpy()
+    for i in range(4):
+        for j in range(2):
+            cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+            assert scores[i, j] == pytest.approx(0.5 * (cos(img[i], img[4 + j]) + cos(txt[i], txt[4 + j])), abs=1e-6)

@@ -1,6 +1,7 @@
 """Counterfactual and brittleness code against brute-force retrains of a tiny problem whose
 "training" is exact: a model's margin is a known linear function of its training set."""
 import numpy as np
+import pytest
 
 from datalens.applications.counterfactuals import (
     agreement_by_kind, brittleness, counterfactual_removals, flipped_fraction, support_size, verify_support,
@@ -83,3 +84,31 @@ def test_brittleness_reports_the_confirmed_fraction_beside_the_predicted_one():
     assert b["fraction_flipped_confirmed"]["2"] == predicted[0] * 0.5  # of targets 1, 2 (k* <= 2), one confirmed
     assert b["fraction_flipped_confirmed"]["5"] == predicted[1] * 0.75
     assert b["confirmed_flip_rate"] == 0.75 and b["confirmed_sample_size"] == 4
+
+
+def test_removal_effects_remove_each_methods_top_k_and_measure_against_the_same_repeats_full_data_model():
+    """With a linear 'retrain' (output = mask @ W + repeat offset), removing a set changes target t by
+    minus the sum of W over it exactly: the rows must be each method's top-k (or k random
+    examples), measured against the same repeat's full-data output."""
+    from datalens.applications.counterfactuals import removal_effects, removal_summary
+    rng = np.random.default_rng(0)
+    n, t = 30, 5
+    w = rng.normal(size=(n, t))
+    rankings = {"a": w, "b": -w}
+
+    def retrain(masks):
+        return np.stack([masks.astype(float) @ w + r for r in range(2)])  # two repeats, each shifted
+
+    res = removal_effects(rankings, np.array([1, 3]), [2, 5], retrain, seed=4)
+    assert res["methods"] == ["a", "b", "random"] and res["change"].shape == (2, 2 * 2 * 3)
+    for row, (method, target, k) in enumerate(zip(res["method"], res["target"], res["k"])):
+        if method != "random":
+            top = np.argsort(-rankings[method][:, target])[:k]
+            np.testing.assert_allclose(res["change"][:, row], -w[top, target].sum(), atol=1e-12)
+    counted = removal_effects(rankings, np.array([1, 3]), [2, 5], lambda m: np.repeat(m.sum(1, keepdims=True)[None], t, 2).astype(float))
+    np.testing.assert_array_equal(counted["change"][0], -counted["k"])  # every method, random too, removes k distinct examples
+    summary = removal_summary(res, [2, 5])
+    drops = -res["change"][:, (res["method"] == "a") & (res["k"] == 5)].ravel()
+    assert summary["a"][1]["mean"] == pytest.approx(drops.mean())
+    assert summary["a"][1]["high"] - summary["a"][1]["mean"] == pytest.approx(1.96 * drops.std(ddof=1) / np.sqrt(4))
+    assert summary["a"][0]["mean"] > summary["random"][0]["mean"] > summary["b"][0]["mean"]  # the top helpers matter most

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from datalens.evaluation.metrics import columnwise_pearson, linear_datamodeling_score, seed_agreement
+from datalens.evaluation.metrics import columnwise_pearson, linear_datamodeling_score, noise_ceiling, seed_agreement
 
 
 def _problem(seed=0, m=60, n=30, t=8):
@@ -51,3 +51,16 @@ def test_seed_agreement_is_the_mean_per_target_pearson():
     b[:, 2] = 1.0  # a constant column counts as 0
     expected = np.mean([0.0 if j == 2 else stats.pearsonr(a[:, j], b[:, j])[0] for j in range(5)])
     assert seed_agreement(a, b) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_noise_ceilings_are_the_correlations_of_the_mask_signal_with_one_model_and_with_the_mean():
+    """Outputs = a function of the mask (s) + independent seed noise: the ceilings from two repeats
+    match the correlation of s itself with one repeat and with the mean of R repeats, simulated."""
+    rng = np.random.default_rng(0)
+    m, t, R = 20000, 6, 4
+    s = rng.normal(size=(m, t))
+    runs = s[:, None] + rng.normal(scale=1.3, size=(m, R, t))  # reliability 1 / (1 + 1.69)
+    c = noise_ceiling(runs[:, 0], runs[:, 1], R)
+    assert c["single_model_ceiling"] == pytest.approx(columnwise_pearson(s, runs[:, 0]).mean(), abs=0.01)
+    assert c["mean_ceiling"] == pytest.approx(columnwise_pearson(s, runs.mean(1)).mean(), abs=0.01)
+    assert c["mean_ceiling"] > c["single_model_ceiling"] + 0.15

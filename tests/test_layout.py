@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from datalens.core.config import declared_params, flatten, load_params
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "datalens"
 LAYERS = ["core", "tasks", "training", "attribution", "evaluation", "applications", "reporting"]
@@ -96,7 +98,12 @@ def test_every_stage_depends_on_all_the_code_its_notebook_runs():
         notebooks = [d for d in stage["deps"] if d.endswith(".ipynb")]
         commands = set(re.findall(r"python -m datalens\.(\w+\.\w+)", stage["cmd"]))  # e.g. core.stages, which runs the notebook
         assert notebooks or name == "check_params", name
-        needed = closure(commands | set().union(set(), *(_notebook_imports(ROOT / nb) for nb in notebooks)))
+        # and the modules its params name by import path (a dataset or model of the package's own, e.g. the CLIP section's)
+        flat = flatten(load_params(ROOT / "params.yaml"))
+        named = {v.split(":")[0][len("datalens."):] for k, v in flat.items()
+                 if isinstance(v, str) and v.startswith("datalens.") and ":" in v
+                 and any(k == d or k.startswith(d + ".") for d in declared_params(name, ROOT))}
+        needed = closure(commands | named | set().union(set(), *(_notebook_imports(ROOT / nb) for nb in notebooks)))
         declared = {d[len("src/datalens/"):-3].replace("/", ".") for d in stage["deps"] if d.startswith("src/datalens/")}
         assert needed <= declared, f"stage {name} runs {sorted(needed - declared)} but does not depend on them"
         assert declared <= needed, f"stage {name} depends on {sorted(declared - needed)}, which it never runs"

@@ -39,6 +39,15 @@ TINY = {  # the pipeline in order; each stage reads what the one before wrote
 }
 TINY["06_modeldiff"] = {**TINY["06_modeldiff_train"], "modeldiff.num_components": 2, "modeldiff.blend_intensities": [0.2],
                         "datamodels.num_lambdas": 6, "datamodels.max_iter": 20}
+TINY["09_clip"] = {
+    "device": "cpu", "clip.model.dim": 8, "clip.model.image_hidden": 16, "clip.model.text_hidden": 16,
+    "clip.train.num_models": 60, "clip.train.block_size": 30, "clip.train.num_checkpoints": 4, "clip.train.epochs": 3, "clip.train.peak_epoch": 1,
+    "clip.train.stack_size": 8, "clip.evaluation.num_masks": 8, "clip.evaluation.repeats": 2, "clip.trak.num_models": [1, 2],
+    "clip.trak.proj_dims": [16, 32], "clip.trak.ridge_grid": [0.1, 1.0], "clip.attribution.ensemble_sizes": [1, 2],
+    "clip.attribution.tracin_epochs": [1, 3], "clip.attribution.selection_models": 10, "clip.attribution.num_targets": 30,
+    "clip.datamodels.model_counts": [30], "clip.datamodels.val_fraction": 0.2, "clip.datamodels.num_lambdas": 6,
+    "clip.datamodels.max_iter": 20, "clip.counterfactuals.num_targets": 2, "clip.counterfactuals.ks": [5, 20],
+    "clip.counterfactuals.num_retrains": 1}
 TINY["07_unlearning"] = {
     **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1, "unlearning.max_budget_extensions": 1,
     "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
@@ -66,7 +75,8 @@ def _run(root, tmp_path, name, overrides, extra=None):
     declared = declared_params(stage, root)
     stores = {"train.store": f"file://{tmp_path}/train.zarr", "evaluation.store": f"file://{tmp_path}/eval.zarr",
               "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff",
-              "unlearning.store_dir": f"file://{tmp_path}/unlearning"}
+              "unlearning.store_dir": f"file://{tmp_path}/unlearning", "clip.train.store": f"file://{tmp_path}/clip_train.zarr",
+              "clip.evaluation.store": f"file://{tmp_path}/clip_eval.zarr", "clip.trak.store": f"file://{tmp_path}/clip_trak.zarr"}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
     for section in ("modeldiff", "unlearning"):  # a store folder that holds several stores
         if section in declared:
@@ -180,6 +190,27 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     for choice in m8["dm_scale"].values():  # DMM's datamodels and scale: the lowest select-set score over both alphas
         scores = {(a, m): v for a, by_m in choice["scores"].items() for m, v in by_m.items()}
         assert set(choice["scores"]) == {"0.5", "0.9"} and min(scores.values()) == scores[str(choice["alpha"]), str(choice["chosen"])]
+
+    m9 = _run(root, tmp_path, "09_clip", TINY["09_clip"])
+    assert {r["method"] for r in m9["records"]} == {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine",
+                                                   "embedding_similarity", "tracin"}
+    assert len([r for r in m9["records"] if r["method"] == "trak"]) == 4 and m9["counterfactual"]["random"][1]["k"] == 20
+    # the CLIP ground truth and a baseline's LDS, recomputed from the stores the stage wrote: the seed agreement by scipy, and
+    # empirical influence (mean output with an example minus without) scored by scipy's Spearman on the 30 sampled pairs
+    clip_eval = zarr.open_group(str(tmp_path / "clip_eval.zarr"), mode="r")
+    clip_margins = np.asarray(clip_eval["test_outputs"]).astype(np.float64).reshape(8, 2, -1)
+    agreement = np.mean([stats.pearsonr(clip_margins[:, 0, j], clip_margins[:, 1, j])[0] for j in range(clip_margins.shape[2])])
+    assert m9["seed_agreement"] == pytest.approx(agreement, rel=1e-9)
+    clip_train = zarr.open_group(str(tmp_path / "clip_train.zarr"), mode="r")
+    cols = np.sort(np.random.default_rng([0, 23]).choice(clip_margins.shape[2], 30, replace=False))
+    tr_masks, tr_out = np.asarray(clip_train["masks"]).astype(bool), np.asarray(clip_train["test_outputs"]).astype(np.float64)[:, cols]
+    influence = np.stack([tr_out[tr_masks[:, i]].mean(0) - tr_out[~tr_masks[:, i]].mean(0) for i in range(tr_masks.shape[1])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        expected = np.mean([np.nan_to_num(stats.spearmanr(np.asarray(clip_eval["masks"])[::2] @ influence[:, j],
+                                                          clip_margins.mean(1)[:, cols[j]])[0]) for j in range(30)])
+    recorded = next(r for r in m9["records"] if r["method"] == "empirical_influence" and r["models_used"] == 60)
+    assert recorded["lds"] == pytest.approx(expected, rel=1e-6)
 
     # the report gathers every figure the stages drew, and opens offline in a browser with all of them
     report = {"evaluation.num_masks": 12, "evaluation.repeats": 2, "modeldiff.num_models": 40}

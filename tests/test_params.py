@@ -51,7 +51,7 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     check_params_file(tmp_path / "params.yaml")
     for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
         p = stage_params(stage, tmp_path / "params.yaml", environment=False)  # it names a GPU this machine lacks
-        assert p["data"]["dataset"] == "cifar10"
+        assert (p["clip"] if stage == "clip" else p)["data"]["dataset"] == ("datalens.core.coco:coco_captions" if stage == "clip" else "cifar10")
     assert stage_params("train_subsets", tmp_path / "params.yaml", environment=False)["model"]["name"] == "resnet9"
 
 
@@ -125,7 +125,7 @@ def test_a_yaml_syntax_error_is_one_line_with_its_line_number(root, tmp_path):
 
 
 def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_path):
-    """No GPU, no Ray cluster, no CIFAR tarball: `python -m datalens.core.config` names all four, one line each."""
+    """No GPU, no Ray cluster, no CIFAR tarball, no COCO captions: `python -m datalens.core.config` names all five, one line each."""
     import os
     import shutil
     import subprocess
@@ -139,7 +139,7 @@ def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_
     said = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode != 0 and all(l.startswith("params: ") for l in said), said
     keys = [l.split("params: ")[1].split("=")[0] for l in said]
-    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root"], said
+    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root", "clip.data.root"], said
     assert "dvc update data.dvc" in said[3]
 
 
@@ -198,3 +198,20 @@ def test_a_step_whose_largest_arrays_exceed_the_memory_is_refused_naming_the_par
     monkeypatch.setenv("DATALENS_MEMORY_LIMIT_GIB", str(20 / 1024))
     with pytest.raises(ParamError, match=r"^data.dataset='digits' is not allowed here: the datamodels fit over n = 1,347"):
         stage_params("fit_datamodels", root / "params.yaml")
+
+
+def test_the_clip_section_is_checked_key_by_key_and_by_the_same_rules_named_with_its_prefix(root):
+    """A section that is a run of its own: each key as its top-level counterpart, the rules between
+    keys, and keys of sections it does not have, all named with the prefix."""
+    with pytest.raises(ParamError, match=r"clip.train.epochs=0.*integer >= 1"):
+        stage_params("clip", root / "params.yaml", {"clip.train.epochs": 0})
+    with pytest.raises(ParamError, match=r"clip.trak.num_models=\[1, 40\], clip.train.num_checkpoints=20 do not fit together; "
+                                         r"every clip.trak.num_models must be <= clip.train.num_checkpoints"):
+        stage_params("clip", root / "params.yaml", {"clip.trak.num_models": [1, 40]})
+    with pytest.raises(ParamError, match=r"clip.data.dataset='datalens.core.captions:nowhere'"):
+        stage_params("clip", root / "params.yaml", {"clip.data.dataset": "datalens.core.captions:nowhere"})
+    with pytest.raises(ParamError, match=r"param 'clip.unlearning.seed' is not allowed in section 'clip'"):
+        from datalens.core.config import validate
+        validate({"clip.unlearning.seed": 0})
+    p = stage_params("clip", root / "params.yaml")
+    assert set(p) == {"device", "execution", "clip", "_root"} and p["clip"]["model"]["image_hidden"] == 64

@@ -115,14 +115,40 @@ def unlearning_claims(u: dict, params: dict) -> list[str]:
     return out
 
 
+def clip_claims(c: dict) -> list[str]:
+    """The CLIP bullet: retrieval accuracy, the noise ceiling, every method's LDS and the counterfactual drops."""
+    def one(method, n):
+        return next(r for r in c["records"] if r["method"] == method and r["models_used"] == n)
+    by = {m: sorted((r for r in c["records"] if r["method"] == m), key=lambda r: r["models_used"]) for m in ("datamodels", "empirical_influence")}
+    t512, t128 = _trak(c, 512), _trak(c, 128)
+    cf = c["counterfactual"]
+    return [
+        f"test retrieval accuracy {c['test_retrieval_accuracy']:.3f}", f"agree at r = {c['seed_agreement']:.3f}",
+        f"the noise ceiling is {c['single_model_ceiling']:.2f} against one model and {c['mean_ceiling']:.2f} against the mean of the two",
+        "LDS " + " / ".join(f"{r['lds']:.2f}" for r in t512.values()) + " at M = " + " / ".join(map(str, t512)) + " for k = 512",
+        "(" + " / ".join(f"{r['lds']:.2f}" for r in t128.values()) + " for k = 128)",
+        "Datamodels " + " / ".join(f"{r['lds']:.2f}" for r in by["datamodels"]) + " at "
+        + " / ".join(str(r["models_used"]) for r in by["datamodels"]) + " models",
+        "empirical influence " + " / ".join(f"{r['lds']:.2f}" for r in by["empirical_influence"]),
+        f"grad-dot {one('grad_dot', 1)['lds']:.2f} ({one('grad_dot', 20)['lds']:.2f} over 20 models)",
+        f"grad-cosine {one('grad_cosine', 20)['lds']:.2f} over 20", f"TracIn {one('tracin', 1)['lds']:.2f}",
+        f"embedding similarity {one('embedding_similarity', 1)['lds']:.2f} ({one('embedding_similarity', 20)['lds']:.2f} over 20 models)",
+        "at k = " + " / ".join(str(x["k"]) for x in cf["trak"]) + " is " + " / ".join(f"{x['mean']:.3f}" for x in cf["trak"]) + " for TRAK's top-k",
+        " / ".join(f"{x['mean']:.3f}" for x in cf["embedding_similarity"]) + " for embedding similarity's",
+        " / ".join(f"{x['mean']:.3f}" for x in cf["random"]) + " at random",
+        *(f"[{t['low']:.3f}, {t['high']:.3f}] against [{e['low']:.3f}, {e['high']:.3f}]" for t, e in zip(cf["trak"], cf["embedding_similarity"])),
+    ]
+
+
 def test_readme_results_agree_with_the_metrics_files(root):
     m = _metrics(root)
     missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff",
-               "unlearning"} - set(m)
+               "unlearning", "clip"} - set(m)
     if missing:
         pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/results.json")
     text = (root / "README.md").read_text()
     section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
     flat = re.sub(r"\s+", " ", section)
-    stale = [c for c in claims(m) + unlearning_claims(m["unlearning"], yaml.safe_load((root / "params.yaml").read_text())) if re.sub(r"\s+", " ", c) not in flat]
+    stale = [c for c in claims(m) + unlearning_claims(m["unlearning"], yaml.safe_load((root / "params.yaml").read_text())) + clip_claims(m["clip"])
+             if re.sub(r"\s+", " ", c) not in flat]
     assert not stale, "README results disagree with reports/*/results.json; expected to find:\n" + "\n".join(stale)

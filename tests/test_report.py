@@ -1,6 +1,7 @@
 """The report page: one self-contained HTML file that a browser opens offline with every image."""
 import base64
 import io
+import re
 
 import matplotlib
 import nbformat
@@ -49,3 +50,5 @@ def test_published_numbers_come_with_their_sources(root):
     for key, n in published["numbers"].items():
         assert isinstance(n["value"], (int, float)) and n["where"] and n["what"], key
         assert n["source"] in published["sources"], key
+    for key, f in published["findings"].items():  # a plot's finding, in words: no number in it
+        assert f["finding"] and f["where"] and not re.search(r"\d", f["finding"]) and f["source"] in published["sources"], key

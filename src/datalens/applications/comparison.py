@@ -25,7 +25,7 @@ import numpy as np
 
 from datalens.attribution import baselines, datamodels
 from datalens.training.engine import init_models, interval_lrs, resolve_device, train_models
-from datalens.evaluation.metrics import linear_datamodeling_score, select_by_lds
+from datalens.evaluation.metrics import heldout_arrays, linear_datamodeling_score, select_by_lds
 from datalens.training.runs import SubsetRun
 from datalens.core.store import SubsetStore
 from datalens.attribution.trak import FeatureStore, ModelFeatures, kernel_terms, soft_threshold
@@ -52,6 +52,18 @@ class Ground:
     def cols(self):
         """Indexes the test set's columns (or examples) down to the targets."""
         return slice(None) if self.targets is None else self.targets
+
+
+def ground_truth(train_store: SubsetStore, eval_store: SubsetStore, repeats: int, selection_models: int,
+                 targets: np.ndarray | None) -> Ground:
+    """The LDS ground truth on ``targets`` (None: every test example): the held-out evaluation
+    models (``repeats`` per mask) and, for choosing hyperparameters, the last
+    ``selection_models`` completed models of the training store."""
+    masks, actual_mean, actual_single = heldout_arrays(eval_store, repeats)
+    val_rows = np.flatnonzero(train_store.completed())[-selection_models:]
+    cols = slice(None) if targets is None else targets
+    return Ground(masks, actual_mean[:, cols], actual_single[:, cols], train_store.read("masks", val_rows),
+                  train_store.read("test_outputs", val_rows)[:, cols], targets)
 
 
 def comparison_targets(num_test: int, num_targets: int, seed: int) -> np.ndarray | None:
@@ -147,6 +159,55 @@ def run_empirical_influence(cmp: Comparison, store: SubsetStore, counts: list[in
         cmp.add("empirical_influence", n, time.perf_counter() - t0, scores, False)
 
 
+def load_checkpoints(run: SubsetRun, store: SubsetStore, count: int) -> tuple[list, list[float]]:
+    """The first ``count`` checkpoints of ``run`` on the device every method is timed on, and the
+    seconds each took to load (charged to the methods that use it)."""
+    device = resolve_device(run.device)
+    models, load = [], []
+    for m in range(count):
+        t0 = time.perf_counter()
+        models.append(run.load_checkpoint(store, m, device))
+        load.append(time.perf_counter() - t0)
+    return models, load
+
+
+def _test_tensors(cmp: Comparison, run: SubsetRun) -> tuple:
+    x_tr, y_tr, x_te, y_te = run.dataset_().tensors(resolve_device(run.device))
+    return x_tr, y_tr, x_te[cmp.ground.cols], y_te[cmp.ground.cols]
+
+
+def run_gradient_similarity(cmp: Comparison, run: SubsetRun, models: list, load: list[float], ensemble_sizes: list[int]) -> tuple:
+    """Gradient dot product and cosine averaged over the first M of ``models``, for each M in
+    ``ensemble_sizes``, over every parameter or the trailing layers whose per-example gradients
+    fit :data:`~datalens.attribution.baselines.GRADIENT_BUDGET` (the records' ``params``).
+    Returns those parameter names and their description."""
+    x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
+    task = run.make_task()
+    names, params = baselines.params_within(models[0], len(x_tr) + len(x_te))
+    for name, fn in (("grad_dot", baselines.grad_dot), ("grad_cosine", baselines.grad_cosine)):
+        total, own = 0.0, 0.0
+        for m in range(max(ensemble_sizes)):
+            t0 = time.perf_counter()
+            total = total + fn(task, models[m], x_tr, y_tr, x_te, y_te, names)
+            own += load[m] + time.perf_counter() - t0
+            if m + 1 in ensemble_sizes:
+                cmp.add(name, m + 1, own, total / (m + 1), False, params=params)
+    return names, params
+
+
+def run_embedding_similarity(cmp: Comparison, run: SubsetRun, models: list, load: list[float], ensemble_sizes: list[int]) -> None:
+    """A two-tower model's embedding similarity (:func:`~datalens.attribution.baselines.embedding_similarity`),
+    averaged over the first M of ``models`` for each M in ``ensemble_sizes``."""
+    x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
+    task, total, own = run.make_task(), 0.0, 0.0
+    for m in range(max(ensemble_sizes)):
+        t0 = time.perf_counter()
+        total = total + baselines.embedding_similarity(task, models[m], x_tr, y_tr, x_te, y_te)
+        own += load[m] + time.perf_counter() - t0
+        if m + 1 in ensemble_sizes:
+            cmp.add("embedding_similarity", m + 1, own, total / (m + 1), False)
+
+
 def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, ensemble_sizes: list[int],
                            dampings: list[float], ekfac_dampings: list[float], cg_iters: int = 30) -> None:
     """Gradient dot product and cosine and EK-FAC influence (averaged over M checkpoints),
@@ -154,26 +215,11 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     over all parameters, or the trailing layers whose per-example gradients fit
     :data:`~datalens.attribution.baselines.GRADIENT_BUDGET`, as the records' ``params`` say).
     Dampings are chosen on validation models. Checkpoint loading is timed."""
-    device = resolve_device(run.device)  # the device TRAK is timed on: every method is charged on the same one
-    x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
-    x_te, y_te = x_te[cmp.ground.cols], y_te[cmp.ground.cols]
+    x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
     task = run.make_task()
     n_max = max(ensemble_sizes)
-    load, models = [], []
-    for m in range(n_max):
-        t0 = time.perf_counter()
-        models.append(run.load_checkpoint(store, m, device))
-        load.append(time.perf_counter() - t0)
-    # every parameter while their per-example gradients fit the budget, else the trailing layers that do (in the records)
-    names, params = baselines.params_within(models[0], len(x_tr) + len(x_te))
-    for name, fn in (("grad_dot", baselines.grad_dot), ("grad_cosine", baselines.grad_cosine)):
-        total, own = 0.0, 0.0
-        for m in range(n_max):
-            t0 = time.perf_counter()
-            total = total + fn(task, models[m], x_tr, y_tr, x_te, y_te, names)
-            own += load[m] + time.perf_counter() - t0
-            if m + 1 in ensemble_sizes:
-                cmp.add(name, m + 1, own, total / (m + 1), False, params=params)
+    models, load = load_checkpoints(run, store, n_max)
+    names, params = run_gradient_similarity(cmp, run, models, load, ensemble_sizes)
     sums, own = {d: 0.0 for d in ekfac_dampings}, 0.0
     for m in range(n_max):
         t0 = time.perf_counter()
@@ -206,8 +252,7 @@ def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epoch
     """TracIn over snapshots of one model's training. The model is retrained here only because
     the store keeps final weights; it is charged as one model at the common per-model rate."""
     device = resolve_device(run.device)
-    x_tr, y_tr, x_te, y_te = run.dataset_().tensors(device)
-    x_te, y_te = x_te[cmp.ground.cols], y_te[cmp.ground.cols]
+    x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
     seeds, task = run.model_seeds(0, 1), run.make_task()
     trained = train_models(task, [m.to(device) for m in init_models(run.build_model, seeds)], x_tr, y_tr, mask[None], seeds,
                            run.settings, snapshot_epochs=snapshot_epochs)

@@ -124,3 +124,48 @@ def brittleness(k_star: np.ndarray, ks: list[int], sample: np.ndarray, flips: np
             "fraction_flipped_confirmed": dict(zip(map(str, ks), confirmed)),
             "confirmed_flip_rate": float(flips.mean()) if len(flips) else float("nan"),
             "confirmed_sample_size": int(len(sample))}
+
+
+def removal_effects(rankings: dict[str, np.ndarray], targets: np.ndarray, ks: list[int],
+                    retrain: Callable[[np.ndarray], np.ndarray], seed: int = 0) -> dict:
+    """For each target, k and method, remove the target's k top-ranked training examples from the
+    full training set, retrain, and measure the target's output against the full-data models'
+    (the TRAK paper's counterfactual: which method's top examples matter most to the target).
+
+    rankings: {method: (n, t) scores, higher = more helpful}; a method ``random`` (k examples
+    drawn uniformly, seeded) is added. ``retrain(masks (m, n))`` returns every repeat's outputs
+    (R, m, t), repeat r with one seed for every mask (common random numbers). Returns
+    ``methods`` (names in order) and arrays ``method``, ``target``, ``k`` (rows,) and ``change``
+    (R, rows): retrained minus the same repeat's full-data output."""
+    n = next(iter(rankings.values())).shape[0]
+    rng = np.random.default_rng([seed, 19])
+    methods = [*rankings, "random"]
+    rows, masks = [], [np.ones(n, bool)]
+    for t in targets:
+        for k in ks:
+            for method in methods:
+                removed = rng.choice(n, k, replace=False) if method == "random" else np.argsort(-rankings[method][:, t], kind="stable")[:k]
+                mask = np.ones(n, bool)
+                mask[removed] = False
+                rows.append((method, t, k))
+                masks.append(mask)
+    outputs = retrain(np.stack(masks))  # (R, 1 + rows, t)
+    target = np.array([r[1] for r in rows])
+    return {"methods": methods, "method": np.array([r[0] for r in rows]), "target": target, "k": np.array([r[2] for r in rows]),
+            "change": outputs[:, 1:][:, np.arange(len(rows)), target] - outputs[:, 0][:, target]}
+
+
+def removal_summary(res: dict, ks: list[int]) -> dict[str, list[dict]]:
+    """Per method, per k: the mean drop (full-data output minus retrained) over targets and
+    repeats, with a 95% interval (normal, from the standard error across those target-repeat
+    pairs) and the count."""
+    out = {}
+    for method in res["methods"]:
+        recs = []
+        for k in ks:
+            drop = -res["change"][:, (res["method"] == method) & (res["k"] == k)].ravel()
+            half = 1.96 * drop.std(ddof=1) / np.sqrt(len(drop)) if len(drop) > 1 else 0.0
+            recs.append({"k": int(k), "mean": float(drop.mean()), "low": float(drop.mean() - half), "high": float(drop.mean() + half),
+                         "count": int(len(drop))})
+        out[method] = recs
+    return out

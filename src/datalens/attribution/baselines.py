@@ -11,6 +11,8 @@ parameters, and the target side is ``grad f_x``.
 * ``grad_cosine``: the same, normalised
 * ``tracin``: sum over checkpoints c of lr_c <-grad L_i^c, grad f_x^c>
 * ``representation_similarity``: cosine of penultimate-layer features
+* ``embedding_similarity`` (two-tower models): the mean of the image-image and text-text cosines
+  of the model's own embeddings (the TRAK paper's CLIP-similarity baseline)
 * ``influence_explicit`` / ``influence_cg``: tau = grad f_x^T (H + damping I)^{-1} (-grad L_i),
   H the Hessian of the model's mean training loss on its own subset; explicit inverse
   for few parameters, batched conjugate gradient on Hessian-vector products otherwise
@@ -35,7 +37,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.data import TensorDataset
 
 from datalens.tasks.base import Task
-from datalens.tasks.gradients import CHUNK, out_to_loss, per_example_gradients
+from datalens.tasks.gradients import CHUNK, out_to_loss, per_example_gradients, raw_outputs
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -119,6 +121,17 @@ def representation_similarity(model: nn.Module, x_train, x_targets) -> np.ndarra
     """Cosine similarity of penultimate features (the inputs to the last linear layer)."""
     a, b = penultimate_features(model, x_train).double(), penultimate_features(model, x_targets).double()
     return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).cpu().numpy()
+
+
+def embedding_similarity(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targets) -> np.ndarray:
+    """(n, t): for a task whose raw outputs are (B, 1 + K, 2, dim), the pair's image and text
+    embeddings first (:class:`~datalens.tasks.contrastive.ContrastiveTask`), the mean of
+    cos(image_i, image_x) and cos(text_i, text_x)."""
+    def pairs(x, y):
+        return F.normalize(raw_outputs(model, x, task.training_targets(y), task)[:, 0].double(), dim=-1)  # (B, 2, dim)
+
+    a, b = pairs(x_train, y_train), pairs(x_targets, y_targets)
+    return (0.5 * (a[:, 0] @ b[:, 0].T + a[:, 1] @ b[:, 1].T)).cpu().numpy()
 
 
 def _training_loss_fn(task: Task, model, x, y, names):

@@ -299,35 +299,34 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
     gram = train.gram(mu, sigma, dtype)
     n, T = gram.shape[0], len(ybar)
     block = block or target_block(n, dtype)
-    blocks = [torch.arange(a, min(a + block, T), device=device) for a in range(0, T, block)]
+    blocks = [np.arange(a, min(a + block, T)) for a in range(0, T, block)]  # target indices (host); cols on the device
     L = _lipschitz(gram)
-    grid = np.empty((num_lambdas, T))
-    val_mse = np.full((num_lambdas, T), np.nan)
-    best_idx = np.zeros(T, dtype=int)
-    w_best = torch.zeros((n, T), dtype=dtype, device=device)
+    path = _PathState(val, mu, sigma, ybar, np.empty((num_lambdas, T)), np.full((num_lambdas, T), np.nan), np.zeros(T, dtype=int),
+                      torch.zeros((n, T), dtype=dtype, device=device))
     unconverged = 0
     bar = progress_bar(total=len(blocks) * num_lambdas, desc="lasso path", disable=not progress)
-    for cols in blocks:
-        cross = train.cross(mu, sigma, ybar, dtype, cols=cols)
-        grid[:, cols.cpu().numpy()] = lambda_grid(cross, num_lambdas, eps)
-        L, solves = _path(gram, cross, cols.cpu().numpy(), grid, val, mu, sigma, ybar, L, max_iter, tol, val_mse, best_idx, w_best,
-                          bar)
+    for idx in blocks:
+        cross = train.cross(mu, sigma, ybar, dtype, cols=torch.as_tensor(idx, device=device))
+        path.grid[:, idx] = lambda_grid(cross, num_lambdas, eps)
+        L, solves = _path(gram, cross, idx, path, L, max_iter, tol, bar)
         unconverged += solves
         del cross
     bar.close()
     del gram  # the refit's Gram takes its place
+    grid, val_mse, best_idx, w_best = path.grid, path.val_mse, path.best_idx, path.w_best
     lam_train = grid[best_idx, np.arange(T)]
     # refit on train + val at each target's chosen lambda; lambda is on the same 1/N scale
     mu, sigma, ybar = train.scaling(plus=val)
     gram = train.gram(mu, sigma, dtype, plus=val)
     L = _lipschitz(gram)
     w_std = np.empty((n, T))
-    for cols in blocks:
+    for idx in blocks:
+        cols = torch.as_tensor(idx, device=device)
         # warm start from each target's solution at its chosen lambda (not the path's last one)
         solved, info = lasso_fista(gram, train.cross(mu, sigma, ybar, dtype, plus=val, cols=cols),
-                                   torch.as_tensor(lam_train[cols.cpu().numpy()], dtype=dtype, device=device), w_best[:, cols],
+                                   torch.as_tensor(lam_train[idx], dtype=dtype, device=device), w_best[:, cols],
                                    max_iter * 2, tol, L, return_info=True)
-        w_std[:, cols.cpu().numpy()] = solved.cpu().numpy()
+        w_std[:, idx] = solved.cpu().numpy()
         L = info["lipschitz"]
         unconverged += not info["converged"]
     mu, sigma, ybar = mu.cpu().numpy(), sigma.cpu().numpy(), ybar.cpu().numpy()
@@ -340,12 +339,28 @@ def fit_datamodels(train: Moments, val: Moments, num_lambdas: int = 50, eps: flo
                 "refit_start": w_best.cpu().numpy()}
 
 
-def _path(gram, cross, targets: np.ndarray, grid: np.ndarray, val: Moments, mu, sigma, ybar, L: float, max_iter: int, tol: float,
-          val_mse: np.ndarray, best_idx: np.ndarray, w_best: torch.Tensor, bar) -> tuple[float, int]:
+@dataclass
+class _PathState:
+    """What one fit's lasso paths read and fill, block by block: the validation moments and the
+    training scaling (mu, sigma, ybar), and per target (columns) the lambda grid (num_lambdas, T),
+    validation MSEs (num_lambdas, T), the index of the lowest (T,) and the solution there (n, T)."""
+
+    val: Moments
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    ybar: torch.Tensor
+    grid: np.ndarray
+    val_mse: np.ndarray
+    best_idx: np.ndarray
+    w_best: torch.Tensor
+
+
+def _path(gram, cross, targets: np.ndarray, state: _PathState, L: float, max_iter: int, tol: float, bar) -> tuple[float, int]:
     """The lasso path of one block of ``targets`` (their cross term (n, block)), warm-started down
-    ``grid``; fills their columns of ``val_mse``, ``best_idx`` and ``w_best`` (each target's
-    solution at its lowest validation MSE). Returns the step constant and the solves stopped by
-    ``max_iter``."""
+    their grid; fills their columns of ``state`` (each target's solution at its lowest
+    validation MSE). Returns the step constant and the solves stopped by ``max_iter``."""
+    grid, val, mu, sigma, ybar = state.grid, state.val, state.mu, state.sigma, state.ybar
+    val_mse, best_idx, w_best = state.val_mse, state.best_idx, state.w_best
     device, num_lambdas = cross.device, len(grid)
     w = torch.zeros_like(cross)
     best = np.full(len(targets), np.inf)

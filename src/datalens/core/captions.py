@@ -104,8 +104,9 @@ def digit_pairs(images_train: np.ndarray, labels_train: np.ndarray, images_test:
                 seed: int) -> tuple[np.ndarray, np.ndarray, Vocabulary, list[str], list[str]]:
     """Captions and tokens for a train / test split of the digits: (tokens_train (n, L), tokens_test
     (t, L), vocabulary, captions_train, captions_test). Levels are cut at the training tertiles."""
-    cuts = tertiles(attributes(images_train))
-    train = captions(labels_train, levels(attributes(images_train), cuts), seed)
+    measured = attributes(images_train)
+    cuts = tertiles(measured)
+    train = captions(labels_train, levels(measured, cuts), seed)
     test = captions(labels_test, levels(attributes(images_test), cuts), seed + 1)
     vocab = Vocabulary.of(train + test)
     return vocab.encode(train), vocab.encode(test), vocab, train, test

@@ -9,6 +9,7 @@ code.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
@@ -316,40 +317,58 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
 }
 
 
+# Sections that are a run of their own: the same params as the top level, under a prefix (``clip.train.epochs``),
+# each checked as its top-level key and by the same rules; ``device`` and ``execution`` stay shared.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "clip": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
+}
+
+
 def _own_model(flat: dict[str, Any]) -> bool:
     return ":" in str(flat.get("model.name", ""))
 
 
-def problems(flat: dict[str, Any], root: str | Path = ".", environment: bool = False) -> list[str]:
+def problems(flat: dict[str, Any], root: str | Path = ".", environment: bool = False, prefix: str = "") -> list[str]:
     """Every problem with the dotted params ``flat``, one line each: each key against
     :data:`SCHEMA`, import paths of your own data and model (resolved against the repo ``root``),
     the rules that tie keys together (:class:`ParamRules`, on the keys that passed their own
     check) and, with ``environment``, what this machine must offer (:func:`environment_problems`).
-    A model given by import path takes any other ``model.*`` keys as its keyword arguments."""
+    A model given by import path takes any other ``model.*`` keys as its keyword arguments.
+    The keys of a :data:`SECTIONS` section are checked the same way, named with their prefix."""
     found, bad = [], set()
+    sections = {} if prefix else {s: {k[len(s) + 1:]: v for k, v in flat.items() if k.startswith(s + ".")} for s in SECTIONS}
     for key, value in flat.items():
+        if key.split(".")[0] in sections or (prefix and key == "device"):  # a section's own pass; the shared device, checked above
+            continue
         try:
             if key not in SCHEMA:
                 if key.startswith("model.") and _own_model(flat):
                     continue
-                raise ParamError(f"unknown param '{key}'; known params: {', '.join(sorted(SCHEMA))}")
-            SCHEMA[key](key, value)
+                known = sorted(k for k in SCHEMA if not prefix or k.split(".")[0] in SECTIONS[prefix[:-1]])
+                raise ParamError(f"unknown param '{prefix}{key}'; known params: {', '.join(prefix + k for k in known)}")
+            if prefix and key.split(".")[0] not in SECTIONS[prefix[:-1]]:
+                raise ParamError(f"param '{prefix}{key}' is not allowed in section '{prefix[:-1]}'; its sections: "
+                                 f"{', '.join(SECTIONS[prefix[:-1]])}")
+            SCHEMA[key](prefix + key, value)
         except ParamError as exc:
             found.append(str(exc))
             bad.add(key)
     for key, registered in (("data.dataset", DATASETS), ("model.name", MODELS)):
         if key in flat and key not in bad and flat[key] not in registered:
             try:
-                resolve_callable(flat[key], key, root)
+                resolve_callable(flat[key], prefix + key, root)
             except ValueError as exc:
                 found.append(str(exc))
                 bad.add(key)
-    good = {k: v for k, v in flat.items() if k not in bad}
+    good = {k: v for k, v in flat.items() if k not in bad and k.split(".")[0] not in sections}
     rules: list[str] = []
-    ParamRules.model_validate(good, context={"root": root, "problems": rules})
+    ParamRules.model_validate(good, context={"root": root, "problems": rules, "prefix": prefix})
     found += rules
     if environment:
-        found += environment_problems(good, root)
+        found += environment_problems(good, root, prefix)
+    for section, sub in sections.items():
+        if sub:  # a section runs on the shared device
+            found += problems({**sub, **({"device": flat["device"]} if "device" in flat else {})}, root, environment, section + ".")
     return found
 
 
@@ -375,8 +394,9 @@ class ParamRules(BaseModel):
         try:
             if ok(*(flat[k] for k in keys)):
                 return
-            shown = ", ".join(f"{k}={flat[k]!r}" for k in keys)
-            line = f"{shown} do not fit together; {allowed}"
+            prefix = (info.context or {}).get("prefix", "")  # a section's keys are named with it, in the rule's words too
+            shown = ", ".join(f"{prefix}{k}={flat[k]!r}" for k in keys)
+            line = f"{shown} do not fit together; {re.sub(r'([a-z_]+[.][a-z_]+)', lambda m: prefix + m[1], allowed)}"
         except ParamError as exc:  # the data a rule needs could not be read
             line = str(exc)
         if line not in info.context["problems"]:
@@ -443,13 +463,13 @@ class ParamRules(BaseModel):
         return self
 
 
-def environment_problems(flat: dict[str, Any], root: str | Path = ".") -> list[str]:
+def environment_problems(flat: dict[str, Any], root: str | Path = ".", prefix: str = "") -> list[str]:
     """What this machine must offer for the params to run, one line per lack: a visible CUDA
     device for ``device: cuda`` or GPUs per task, a Ray cluster that answers at
     ``execution.address``, the data files of ``data.dataset``, and the memory the largest arrays
     of the steps these params run need (:func:`datalens.core.memory.memory_problems`)."""
     found = []
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not prefix:  # a section's device is the shared one, named once above it
         if flat.get("device") == "cuda":
             found.append("device='cuda' is not allowed here: no CUDA device is visible; allowed values: auto, cpu")
         if flat.get("execution.num_gpus_per_task", 0) > 0:
@@ -462,11 +482,11 @@ def environment_problems(flat: dict[str, Any], root: str | Path = ".") -> list[s
             found.append(str(exc))
     if "data.dataset" in flat and "data.root" in flat:
         data_root = resolve_location({"_root": str(root)}, flat["data.root"])
-        missing = missing_data(flat["data.dataset"], data_root)
+        missing = missing_data(flat["data.dataset"], data_root, root)
         if missing:
-            found.append(f"data.root={flat['data.root']!r}: {missing}")
+            found.append(f"{prefix}data.root={flat['data.root']!r}: {missing}")
         else:  # the largest arrays of the steps these params run, against the memory they run in
-            found += memory_problems(flat, lambda dataset: dataset_sizes(dataset, data_root, root))
+            found += memory_problems(flat, lambda dataset: dataset_sizes(dataset, data_root, root), prefix)
     return found
 
 

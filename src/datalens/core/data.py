@@ -149,9 +149,13 @@ def missing_data_message(path: Path) -> str:
             f"(needs network; 170,498,071 bytes), or set data.root to the folder that holds {CIFAR_TARBALL}.")
 
 
-def missing_data(name: str, root: str | Path) -> str | None:
+def missing_data(name: str, root: str | Path, repo: str | Path = ".") -> str | None:
     """Why dataset ``name`` cannot load from ``root`` (one line), or None when its files are there;
-    only the datasets that need a download can miss."""
+    only the datasets that need files can miss: CIFAR, and a dataset function (by import path)
+    that carries ``missing(root) -> str | None`` (e.g. :func:`datalens.core.coco.coco_captions`)."""
+    if ":" in name:
+        check = getattr(resolve_callable(name, "data.dataset", repo), "missing", None)
+        return check(root) if check else None
     path = Path(root) / CIFAR_TARBALL
     return missing_data_message(path) if name in PUBLISHED_SIZES and not path.exists() else None
 
@@ -232,9 +236,14 @@ def resolve_callable(spec: str, key: str, root: str | Path = ".") -> Callable:
 @functools.lru_cache(maxsize=16)
 def dataset_sizes(name: str, root: str | Path = "data", repo: str | Path = ".") -> tuple[int, int]:
     """(n_train, n_test) of a dataset by name or import path, from its data (loaded once per
-    process); CIFAR before its tarball is fetched: the published sizes."""
+    process); CIFAR before its tarball is fetched, or a dataset function with ``published_sizes``
+    before its files are there: the published sizes."""
     if name in PUBLISHED_SIZES and not (Path(root) / CIFAR_TARBALL).exists():
         return PUBLISHED_SIZES[name]
+    if ":" in name:  # a dataset function whose files are absent may say its published sizes
+        fn = resolve_callable(name, "data.dataset", repo)
+        if getattr(fn, "published_sizes", None) and fn.missing(root):
+            return fn.published_sizes
     ds = load_dataset(name, root, repo=repo)
     return ds.n_train, ds.n_test
 

@@ -61,9 +61,9 @@ def _needs(flat: dict[str, Any], n: int, t: int) -> list[tuple[str, str, str, in
     return found
 
 
-def memory_problems(flat: dict[str, Any], sizes: Callable[[str], tuple[int, int]]) -> list[str]:
+def memory_problems(flat: dict[str, Any], sizes: Callable[[str], tuple[int, int]], prefix: str = "") -> list[str]:
     """One line per step of these params whose largest arrays exceed the memory it runs in;
-    ``sizes(dataset)`` gives (n_train, n_test)."""
+    ``sizes(dataset)`` gives (n_train, n_test); a section's params are named with ``prefix``."""
     if "data.dataset" not in flat:
         return []
     n, t = sizes(flat["data.dataset"])
@@ -74,7 +74,7 @@ def memory_problems(flat: dict[str, Any], sizes: Callable[[str], tuple[int, int]
             continue
         total, name = offered
         if need > total:
-            found.append(f"{param}={flat[param]!r} is not allowed here: {what} needs about {_size(need)}, more than the "
+            found.append(f"{prefix}{param}={flat[param]!r} is not allowed here: {what} needs about {_size(need)}, more than the "
                          f"{_size(total)} of {name}; choose {remedy} or a machine with more memory")
     return found
 

@@ -59,6 +59,16 @@ def seed_agreement(margins_a: np.ndarray, margins_b: np.ndarray) -> float:
     return float(columnwise_pearson(margins_a, margins_b).mean())
 
 
+def noise_ceiling(margins_a: np.ndarray, margins_b: np.ndarray, repeats: int) -> dict:
+    """The seed agreement r of two models per mask (m, t), (m, t), and the ceilings it sets on the
+    correlation any function of the mask can reach: sqrt(r) against one model, and against the
+    mean of ``repeats`` models sqrt(R r / (1 + (R - 1) r)) (Spearman-Brown: the reliability of an
+    average of R equally reliable measurements)."""
+    r = max(seed_agreement(margins_a, margins_b), 0.0)
+    return {"seed_agreement": seed_agreement(margins_a, margins_b), "single_model_ceiling": r ** 0.5,
+            "mean_ceiling": (repeats * r / (1 + (repeats - 1) * r)) ** 0.5 if r > 0 else 0.0}
+
+
 def heldout_arrays(eval_store: SubsetStore, repeats: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """From an evaluation store whose model j trained on mask j // repeats: masks (m, n),
     margins averaged over repeats (m, t), and margins of repeat 0 alone (m, t)."""

@@ -22,9 +22,10 @@ from datalens.reporting.reports import best_record, mean_p95
 
 NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
              "counterfactuals": "04_counterfactuals", "attribution_comparison": "05_attribution_comparison",
-             "modeldiff": "06_modeldiff", "unlearning": "07_unlearning"}
+             "modeldiff": "06_modeldiff", "unlearning": "07_unlearning", "clip": "09_clip"}
 SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals")),
             ("TRAK and the method comparison", ("attribution_comparison",)),
+            ("TRAK for contrastive image-text models (CLIP)", ("clip",)),
             ("ModelDiff", ("modeldiff",)),
             ("Unlearning", ("unlearning",))]
 NOTEBOOK_ONLY = "notebook-only"  # a cell tag: left out of the rendered page
@@ -35,6 +36,13 @@ def _unlearning_line(m: dict) -> str:
     names = {"floor": "floor", "do_nothing": "do nothing", "gd": "GD", "ga": "GA", "ascent_descent": "ascent-descent",
              "scrub": "SCRUB", "om": "OM", "dmm": "DMM", "dm_direct": "DM-direct"}
     return "forget-set KLoM p95, mean over reported sets: " + ", ".join(f"{v} {mean_p95(m, k):.2f}" for k, v in names.items())
+
+
+def _clip_drops(m: dict) -> str:
+    curves = m["counterfactual"]
+    ks = [c["k"] for c in curves["trak"]]
+    return "mean cosine drop at k = " + " / ".join(map(str, ks)) + ": " + "; ".join(
+        f"{name.replace('_', ' ')} " + " / ".join(f"{c['mean']:.3f}" for c in curve) for name, curve in curves.items())
 
 
 def _trak_at(m: dict, models_used: int) -> float:
@@ -89,6 +97,20 @@ FIGURES = [
      "TRAK paper, Algorithm 1 (soft-thresholding)", lambda m: "", []),
     ("attribution_comparison", "trak_top_images.png", "Test images with their top TRAK-attributed training examples.",
      "TRAK paper, qualitative examples", lambda m: "", []),
+    ("clip", "lds_vs_compute.png", "LDS of every method against charged compute, for two-tower models trained by InfoNCE on the "
+     "digits paired with captions; the output is the CLIP output of each test pair against 15 fixed negatives.",
+     "TRAK paper, CLIP on MS COCO (LDS of TRAK against the baselines)",
+     lambda m: f"TRAK best {best_record(m, 'trak')['lds']:.3f} (M = {best_record(m, 'trak')['models_used']}, k = "
+               f"{best_record(m, 'trak')['proj_dim']}); datamodels "
+               f"{best_record(m, 'datamodels')['lds'] if 'datamodels' in m['best_lds'] else float('nan'):.3f}; TracIn "
+               f"{best_record(m, 'tracin')['lds']:.3f}; gradient dot product {best_record(m, 'grad_dot')['lds']:.3f}; embedding "
+               f"similarity {best_record(m, 'embedding_similarity')['lds']:.3f}; noise ceiling against the mean of the repeats "
+               f"{m.get('mean_ceiling', float('nan')):.3f}. {m['accounting']}", ["trak_clip_lds"]),
+    ("clip", "counterfactual_cosine_drop.png", "Drop in a test pair's cosine similarity after removing its top-k training pairs "
+     "by TRAK, by embedding similarity or at random and retraining on the rest (mean and 95% interval over targets and seeds).",
+     "TRAK paper, CLIP counterfactual", _clip_drops, ["trak_clip_counterfactual"]),
+    ("clip", "top_attributed_pairs.png", "Test pairs with their top training pairs by TRAK and by embedding similarity (image and caption).",
+     "TRAK paper, CLIP qualitative examples", lambda m: "", []),
     ("modeldiff", "accuracy.png", "Mean test accuracy of every algorithm ModelDiff compares.", "ModelDiff paper, case-study setup",
      lambda m: ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()), []),
     ("modeldiff", "planted_variance.png", "Explained variance of each distinguishing direction under A and under B (planted patch).",
@@ -162,9 +184,13 @@ def figure_entries(reports_dir, published: dict) -> list[dict]:
             if stage not in stages or stage not in metrics or not path.exists():
                 continue
             by_source: dict[str, list[str]] = {}  # each paper cited once, after all its numbers
-            for k in keys:
-                number = published["numbers"][k]
-                by_source.setdefault(number["source"], []).append(f"{number['what']}: {number['value']} ({number['where']})")
+            for k in keys:  # a number, or a finding the paper shows only in a plot, stated in words
+                if k in published["numbers"]:
+                    number = published["numbers"][k]
+                    by_source.setdefault(number["source"], []).append(f"{number['what']}: {number['value']} ({number['where']})")
+                else:
+                    found = published["findings"][k]
+                    by_source.setdefault(found["source"], []).append(f"{found['finding']} ({found['where']})")
             pub = [f"{'; '.join(items)} ({published['sources'][source]})" for source, items in by_source.items()]
             entries.append({"section": section, "path": str(path), "shows": shows, "mirrors": mirrors,
                             "measured": measured(metrics[stage]), "published": pub, "scale": SCALE if pub else "",
@@ -220,6 +246,11 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
         rows += [{"metric": "TRAK LDS, best", "value": f"{best['lds']:.3f}", "params": f"k = {best['proj_dim']}, M = {best['models_used']}"},
                  {"metric": "datamodels overtake TRAK's best from", "value": f"{a['datamodels_overtake_trak'].get('models', 'never')} models",
                   "params": f"selection models charged: {a['selection_models']}"}]
+    if "clip" in m:
+        c = m["clip"]
+        best = best_record(c, "trak")
+        rows += [{"metric": "CLIP: TRAK LDS, best (noise ceiling)", "value": f"{best['lds']:.3f} ({c.get('mean_ceiling', float('nan')):.3f})",
+                  "params": f"k = {best['proj_dim']}, M = {best['models_used']}; two towers on the digits' captions"}]
     if "modeldiff" in m:
         d = m["modeldiff"]
         r = d["planted"]
@@ -248,6 +279,8 @@ def headline_values(reports_dir) -> dict[str, float]:
     if "attribution_comparison" in m:
         a = m["attribution_comparison"]
         out.update(trak_lds_best=best_record(a, "trak")["lds"], datamodels_lds_best=best_record(a, "datamodels")["lds"])
+    if "clip" in m:
+        out["clip_trak_lds_best"] = best_record(m["clip"], "trak")["lds"]
     if "modeldiff" in m:
         d = m["modeldiff"]
         out["modeldiff_planted_auroc"] = d["planted"]["auroc"]

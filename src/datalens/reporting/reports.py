@@ -98,9 +98,14 @@ def _unlearning(r: dict) -> dict:
             "diverged_models": sum(int(row.get("diverged_models", 0)) for row in r["table"])}
 
 
+def _clip(r: dict) -> dict:
+    drops = {f"cosine_drop_k{c['k']}_{m}": c["mean"] for m, curve in r["counterfactual"].items() for c in curve[-1:]}
+    return {**_attribution(r), **drops}
+
+
 HEADLINES = {"train_subsets": _scalars, "eval_models": _scalars, "fit_datamodels": _scalars, "counterfactuals": _counterfactuals,
              "attribution_comparison": _attribution, "modeldiff_train": _modeldiff_train, "modeldiff": _modeldiff,
-             "unlearning": _unlearning}
+             "unlearning": _unlearning, "clip": _clip}
 
 
 def headline(stage: str, results: dict) -> dict[str, float | int | bool]:

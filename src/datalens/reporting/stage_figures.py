@@ -117,6 +117,30 @@ def comparison_figures(cmp, proj_dims: list[int], num_models: list[int], ridge_g
                          target_ids=scored)
 
 
+# -- clip -------------------------------------------------------------------------------------
+
+def clip_figures(cmp, summary: dict, top_scores: dict[str, np.ndarray], shown: np.ndarray, ds: Dataset, caption_of, fig: Path,
+                 k: int = 4) -> None:
+    """LDS against charged compute, the counterfactual cosine drops against k, and for the
+    ``shown`` score columns each method's top-attributed training pairs (image and caption):
+    ``top_scores`` {method: (n, t)}; ``caption_of(tokens)`` renders a caption."""
+    plots.lds_vs_compute(cmp.records, fig / "lds_vs_compute.png", trak_proj_dim=max(r.get("proj_dim") or 0 for r in cmp.records),
+                         caption=cmp.caption())
+    curves = summary["counterfactual"]
+    plots.dose_response([c["k"] for c in next(iter(curves.values()))], curves, fig / "counterfactual_cosine_drop.png",
+                        "training pairs removed (k)", "drop in the pair's cosine similarity",
+                        "Remove the top-k, retrain: mean and 95% interval")
+    scored = np.arange(ds.n_test) if cmp.ground.targets is None else cmp.ground.targets
+    imgs, titles = [], []
+    for col in shown:
+        t = scored[col]
+        for method, scores in top_scores.items():
+            imgs.append(ds.images_test[t]); titles.append(f"test #{t} ({method})\n{caption_of(ds.y_test[t])}")
+            for i in np.argsort(-scores[:, col], kind="stable")[:k]:
+                imgs.append(ds.images_train[i]); titles.append(f"{scores[i, col]:+.3g}\n{caption_of(ds.y_train[i])}")
+    plots.image_grid(imgs, titles, fig / "top_attributed_pairs.png", ncols=1 + k, size=2.0)
+
+
 # -- unlearning -------------------------------------------------------------------------------
 
 def unlearning_figures(summary: dict, pooled: dict, histogram: tuple, hist_set: str, u: dict, num_models: int,

@@ -57,7 +57,10 @@ class ContrastiveTask(Task):
             return pair
         flat = neg.reshape(-1)
         pool_x, pool_t = self.pool_images.to(inputs.device), self.pool_tokens.to(inputs.device)  # no copy when already there
-        negatives = model(pool_x[flat], pool_t[flat])
+        if flat.numel() > len(pool_x):  # a large batch (measuring, not per-example gradients): embed the pool once, then index
+            negatives = model(pool_x, pool_t)[..., flat, :, :]
+        else:
+            negatives = model(pool_x[flat], pool_t[flat])
         return torch.cat([pair, negatives.reshape(*neg.shape, *negatives.shape[-2:])], -3)
 
     def loss(self, outputs, targets):

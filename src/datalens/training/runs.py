@@ -221,12 +221,12 @@ def raw_width(run: SubsetRun) -> int:
         return int(run.make_task().forward(run.build_model().eval(), x[:1], y[:1]).reshape(-1).numel())
 
 
-def eval_run(p: dict) -> SubsetRun:
+def eval_run(p: dict, **given) -> SubsetRun:
     """The held-out evaluation run (``evaluation.*``): ``repeats`` models per fresh mask, on its
-    own stream and seed, no checkpoints."""
+    own stream and seed, no checkpoints; ``given`` as in :meth:`SubsetRun.from_params` (``task``)."""
     ev = p["evaluation"]
     return SubsetRun.from_params(p, store=ev["store"], num_models=ev["num_masks"] * ev["repeats"], seed=ev["seed"],
-                                 stream="eval", repeats=ev["repeats"], num_checkpoints=0)
+                                 stream="eval", repeats=ev["repeats"], num_checkpoints=0, **given)
 
 
 def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
@@ -251,16 +251,15 @@ def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) ->
 
 
 def train_on_masks(run: SubsetRun, masks: np.ndarray, repeats: int = 1, stream: str = "counterfactual",
-                   measure: Callable | None = None) -> np.ndarray:
+                   measure: Callable | None = None, average: bool = True) -> np.ndarray:
     """Test margins (m, t) of models trained on given masks (m, n), averaged over ``repeats``
-    seeds (or ``measure(raw outputs (m, t, C), labels (t,))``, e.g. the correct-class margin).
-    Repeat r uses the same seed for every mask (common random numbers), so differences
-    between masks are not blurred by initialisation noise."""
-    total = 0.0
-    for r in range(repeats):
-        seeds = [model_seed(run.seed, 0, r, stream)] * len(masks)
-        total = total + _train_and_score(run, masks, seeds, range(len(masks)), measure)["test_outputs"].astype(np.float64)
-    return total / repeats
+    seeds (or ``measure(raw outputs (m, t, C), labels (t,))``, e.g. the correct-class margin);
+    with ``average`` False, every repeat's (repeats, m, t). Repeat r uses the same seed for every
+    mask (common random numbers), so differences between masks are not blurred by
+    initialisation noise."""
+    per_repeat = np.stack([_train_and_score(run, masks, [model_seed(run.seed, 0, r, stream)] * len(masks), range(len(masks)),
+                                            measure)["test_outputs"].astype(np.float64) for r in range(repeats)])
+    return per_repeat.mean(0) if average else per_repeat
 
 
 def seconds_per_model(run: SubsetRun, count: int = 16, repeats: int = 3) -> float:
