@@ -1,0 +1,87 @@
+"""A corpus of real facts for the language-model stages (issue 20; the TRAK paper's fact-tracing
+case, Akyurek et al.'s FTRACE-TREx in miniature), built from ISO 3166-2 as the ``pycountry``
+package ships it: no download.
+
+A *fact* is "subdivision s lies in country c" for ``per_country`` first-level subdivisions of each
+of ``num_countries`` countries (countries with at least that many, drawn with the seed; their
+subdivisions too; a name two subdivisions share is left out, so a subject names one fact). Names become single tokens (lowercased, words joined by ``_``), so the answer
+to a fact is one token. The training sentences are
+
+* *statements*: each fact in 1 to 3 of :data:`STATEMENTS` (how many and which: seeded), the
+  fact's ground-truth **proponents**;
+* *distractors*: every subject's subdivision type (``s is a province .``: names s, not c) and
+  every country's ISO code (``c has the code fra .``: names c, not s).
+
+Each fact's *query* is :data:`QUERY` (``s is located in``), a wording no training sentence uses;
+its answer is c. Sentences are shuffled with the seed. Tokens: :class:`datalens.core.captions.Vocabulary`.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pycountry
+
+from datalens.core.captions import Vocabulary
+
+STATEMENTS = ("{s} is a {kind} of {c} .", "{s} lies in {c} .", "the {kind} {s} belongs to {c} .")
+DISTRACTORS = ("{s} is a {kind} .", "{c} has the code {code} .")
+QUERY = "{s} is located in"
+
+
+def token(name: str) -> str:
+    """A name as one token: lowercased, its words (letters and digits, any script) joined by ``_``."""
+    return "_".join(re.findall(r"\w+", name.lower()))
+
+
+@dataclass(frozen=True)
+class FactCorpus:
+    """Training ``sentences`` (N,); per fact (F,): ``subjects``, ``answers`` (tokens), ``proponents``
+    (indices of the sentences that state it) and ``queries`` (the prompt, without the answer)."""
+
+    sentences: tuple[str, ...]
+    subjects: tuple[str, ...]
+    answers: tuple[str, ...]
+    proponents: tuple[tuple[int, ...], ...]
+    queries: tuple[str, ...]
+    seed: int
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary.of(list(self.sentences) + [f"{q} {a}" for q, a in zip(self.queries, self.answers)])
+
+
+def fact_corpus(num_countries: int = 12, per_country: int = 10, seed: int = 0) -> FactCorpus:
+    """The corpus of the module docstring, the same for the same arguments and ``pycountry`` release."""
+    rng = np.random.default_rng([seed, 41])
+    firsts = [sub for sub in sorted(pycountry.subdivisions, key=lambda x: x.code) if sub.parent_code is None]
+    names = [token(sub.name) for sub in firsts]
+    count = Counter(names)
+    top: dict[str, list] = {}
+    for sub, name in zip(firsts, names):
+        if count[name] == 1 and pycountry.countries.get(alpha_2=sub.country_code) is not None:  # a name of one fact only
+            top.setdefault(sub.country_code, []).append(sub)
+    eligible = sorted(c for c, subs in top.items() if len(subs) >= per_country)
+    if len(eligible) < num_countries:
+        raise ValueError(f"num_countries={num_countries}: only {len(eligible)} countries have {per_country} first-level subdivisions")
+    countries = sorted(rng.choice(eligible, num_countries, replace=False))
+    rows: list[tuple[str, int]] = []  # (sentence, fact it states or -1)
+    subjects, answers = [], []
+    for code in countries:
+        country = pycountry.countries.get(alpha_2=code)
+        c = token(country.name)
+        rows.append((DISTRACTORS[1].format(c=c, code=country.alpha_3.lower()), -1))
+        for i in sorted(rng.choice(len(top[code]), per_country, replace=False)):
+            sub = top[code][i]
+            s, kind, fact = token(sub.name), token(sub.type), len(subjects)
+            subjects.append(s)
+            answers.append(c)
+            rows.append((DISTRACTORS[0].format(s=s, kind=kind), -1))
+            for t in rng.choice(len(STATEMENTS), rng.integers(1, len(STATEMENTS) + 1), replace=False):
+                rows.append((STATEMENTS[t].format(s=s, kind=kind, c=c), fact))
+    order = rng.permutation(len(rows))
+    sentences = tuple(rows[i][0] for i in order)
+    stated = [rows[i][1] for i in order]
+    proponents = tuple(tuple(j for j, f in enumerate(stated) if f == fact) for fact in range(len(subjects)))
+    return FactCorpus(sentences, tuple(subjects), tuple(answers), proponents, tuple(QUERY.format(s=s) for s in subjects), seed)
