@@ -15,6 +15,9 @@ import zarr
 from scipy import stats
 
 from browser import open_offline
+from rank_bm25 import BM25Okapi
+
+from datalens.core.facts import fact_corpus
 from datalens.reporting import plots, reports
 from datalens.reporting.report_page import render_html
 from datalens.training import runs
@@ -48,6 +51,15 @@ TINY["09_clip"] = {
     "clip.datamodels.model_counts": [30], "clip.datamodels.val_fraction": 0.2, "clip.datamodels.num_lambdas": 6,
     "clip.datamodels.max_iter": 20, "clip.counterfactuals.num_targets": 2, "clip.counterfactuals.ks": [5, 20],
     "clip.counterfactuals.num_retrains": 1}
+TINY["10_fact_tracing"] = {
+    "device": "cpu", "fact_tracing.model.dim": 16, "fact_tracing.train.num_models": 60, "fact_tracing.train.block_size": 30,
+    "fact_tracing.train.num_checkpoints": 3, "fact_tracing.train.epochs": 6, "fact_tracing.train.stack_size": 30,
+    "fact_tracing.evaluation.num_masks": 8, "fact_tracing.evaluation.repeats": 2, "fact_tracing.trak.num_models": [1, 3],
+    "fact_tracing.trak.proj_dims": [16, 32], "fact_tracing.trak.ridge_grid": [0.1, 1.0], "fact_tracing.attribution.ensemble_sizes": [1, 3],
+    "fact_tracing.attribution.tracin_epochs": [3, 6], "fact_tracing.attribution.selection_models": 10,
+    "fact_tracing.datamodels.model_counts": [30], "fact_tracing.datamodels.val_fraction": 0.2, "fact_tracing.datamodels.num_lambdas": 6,
+    "fact_tracing.datamodels.max_iter": 20, "fact_tracing.counterfactuals.num_targets": 2, "fact_tracing.counterfactuals.ks": [3, 10],
+    "fact_tracing.counterfactuals.num_retrains": 1}
 TINY["07_unlearning"] = {
     **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1, "unlearning.max_budget_extensions": 1,
     "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
@@ -76,7 +88,8 @@ def _run(root, tmp_path, name, overrides, extra=None):
     stores = {"train.store": f"file://{tmp_path}/train.zarr", "evaluation.store": f"file://{tmp_path}/eval.zarr",
               "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff",
               "unlearning.store_dir": f"file://{tmp_path}/unlearning", "clip.train.store": f"file://{tmp_path}/clip_train.zarr",
-              "clip.evaluation.store": f"file://{tmp_path}/clip_eval.zarr", "clip.trak.store": f"file://{tmp_path}/clip_trak.zarr"}
+              "clip.evaluation.store": f"file://{tmp_path}/clip_eval.zarr", "clip.trak.store": f"file://{tmp_path}/clip_trak.zarr",
+              **{f"fact_tracing.{k}.store": f"file://{tmp_path}/fact_tracing_{k}.zarr" for k in ("train", "evaluation", "trak")}}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
     for section in ("modeldiff", "unlearning"):  # a store folder that holds several stores
         if section in declared:
@@ -231,6 +244,28 @@ def test_pipeline_notebooks_run_end_to_end(root, tmp_path):
     assert captions and not [c for c in captions if ".." in c or "(<em>" in c or c.count("Park et al.") > 1], captions
     page = open_offline(html, tmp_path / "report.png")
     assert page == {"images": len(declared), "loaded": len(declared), "remote": []}
+
+
+def test_fact_tracing_stage_runs_end_to_end_and_its_numbers_recompute(root, tmp_path):
+    m = _run(root, tmp_path, "10_fact_tracing", TINY["10_fact_tracing"])
+    assert {r["method"] for r in m["records"]} == {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine",
+                                                  "embedding_similarity", "tracin", "bm25"}
+    assert set(m["counterfactual"]) == {"answer_probability", "recall"} and m["counterfactual"]["recall"]["random"][1]["k"] == 10
+    # the ceiling from the eval store by scipy; BM25's retrieval from rank_bm25 and the corpus by brute force
+    ev = zarr.open_group(str(tmp_path / "fact_tracing_evaluation.zarr"), mode="r")
+    margins = np.asarray(ev["test_outputs"]).astype(np.float64).reshape(8, 2, -1)
+    agreement = np.mean([np.nan_to_num(stats.pearsonr(margins[:, 0, j], margins[:, 1, j])[0]) for j in range(margins.shape[2])])
+    assert m["seed_agreement"] == pytest.approx(agreement, rel=1e-9)
+    corpus = fact_corpus()
+    index = BM25Okapi([t.split() for t in corpus.sentences])
+    reciprocal = []
+    for q, a, props in zip(corpus.queries, corpus.answers, corpus.proponents):
+        scores = index.get_scores(f"{q} {a}".split())
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        reciprocal.append(1 / (1 + min(order.index(i) for i in props)))
+    assert m["retrieval"]["bm25"]["mrr"] == pytest.approx(np.mean(reciprocal))
+    # the counterfactual's targets are queries the full-data models recall
+    assert m["counterfactual_full_data"]["recall"] >= 0.5 and len(m["counterfactual_targets"]) == 2
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

@@ -140,15 +140,49 @@ def clip_claims(c: dict) -> list[str]:
     ]
 
 
+def fact_tracing_claims(f: dict) -> list[str]:
+    """The fact-tracing bullet: recall, the noise ceiling, every method's LDS, retrieval and the counterfactual drops."""
+    by = {m: sorted((r for r in f["records"] if r["method"] == m), key=lambda r: r["models_used"]) for m in ("datamodels", "empirical_influence")}
+    t512, t128 = _trak(f, 512), _trak(f, 128)
+    most = max(r["models_used"] for r in f["records"] if r["method"] == "grad_dot")
+    cf, ret = f["counterfactual"], f["retrieval"]
+    ks = " / ".join(str(x["k"]) for x in cf["recall"]["trak"])
+
+    def drops(measure, method):
+        return " / ".join(f"{x['mean']:.3f}" for x in cf[measure][method])
+
+    return [
+        f"query recall {f['test_recall']:.3f}", f"{f['full_data_recall']:.2f} for models trained on every sentence",
+        f"agree at r = {f['seed_agreement']:.3f}",
+        f"the noise ceiling is {f['single_model_ceiling']:.2f} against one model and {f['mean_ceiling']:.2f} against the mean of the two",
+        "LDS " + " / ".join(f"{r['lds']:.2f}" for r in t512.values()) + " at M = " + " / ".join(map(str, t512)) + " for k = 512",
+        "(" + " / ".join(f"{r['lds']:.2f}" for r in t128.values()) + " for k = 128)",
+        "Datamodels " + " / ".join(f"{r['lds']:.2f}" for r in by["datamodels"]) + " at "
+        + " / ".join(str(r["models_used"]) for r in by["datamodels"]) + " models",
+        "empirical influence " + " / ".join(f"{r['lds']:.2f}" for r in by["empirical_influence"]),
+        f"grad-dot {_one(f, 'grad_dot')['lds']:.2f} ({_one(f, 'grad_dot', most)['lds']:.2f} over {most} models)",
+        f"grad-cosine {_one(f, 'grad_cosine', most)['lds']:.2f} over {most}", f"TracIn {_one(f, 'tracin')['lds']:.2f}",
+        f"embedding similarity {_one(f, 'embedding_similarity')['lds']:.2f} ({_one(f, 'embedding_similarity', most)['lds']:.2f} over {most} models)",
+        f"BM25 {_one(f, 'bm25', 0)['lds']:.2f}",
+        *(f"{name} {ret[m]['mrr']:.2f} / {ret[m]['recall_at_10']:.2f}" for m, name in (("trak", "TRAK"), ("bm25", "BM25"),
+          ("grad_cosine", "grad-cosine"), ("grad_dot", "grad-dot"), ("empirical_influence", "empirical influence"),
+          ("embedding_similarity", "embedding similarity"), ("tracin", "TracIn"))),
+        f"answer's probability at k = {ks} is {drops('answer_probability', 'trak')} for TRAK's top-k",
+        f"{drops('answer_probability', 'bm25')} for BM25's", f"{drops('answer_probability', 'random')} at random",
+        f"recall at k = {ks} is {drops('recall', 'trak')} for TRAK's top-k", f"{drops('recall', 'bm25')} for BM25's",
+        f"{drops('recall', 'random')} at random",
+    ]
+
+
 def test_readme_results_agree_with_the_metrics_files(root):
     m = _metrics(root)
     missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff",
-               "unlearning", "clip"} - set(m)
+               "unlearning", "clip", "fact_tracing"} - set(m)
     if missing:
         pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/results.json")
     text = (root / "README.md").read_text()
     section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
     flat = re.sub(r"\s+", " ", section)
     stale = [c for c in claims(m) + unlearning_claims(m["unlearning"], yaml.safe_load((root / "params.yaml").read_text())) + clip_claims(m["clip"])
-             if re.sub(r"\s+", " ", c) not in flat]
+             + fact_tracing_claims(m["fact_tracing"]) if re.sub(r"\s+", " ", c) not in flat]
     assert not stale, "README results disagree with reports/*/results.json; expected to find:\n" + "\n".join(stale)

@@ -23,12 +23,13 @@ from typing import Iterable
 
 import numpy as np
 
-from datalens.attribution import baselines, datamodels
+from datalens.attribution import baselines, datamodels, projection
+from datalens.core.config import resolve_location
 from datalens.training.engine import init_models, interval_lrs, resolve_device, train_models
 from datalens.evaluation.metrics import heldout_arrays, linear_datamodeling_score, select_by_lds
 from datalens.training.runs import SubsetRun
 from datalens.core.store import SubsetStore
-from datalens.attribution.trak import FeatureStore, ModelFeatures, kernel_terms, soft_threshold
+from datalens.attribution.trak import FeatureJob, FeatureStore, ModelFeatures, featurize_checkpoints, kernel_terms, soft_threshold
 
 ACCOUNTING = ("Charged to every method: each trained model it uses (subset models, checkpoints, and the {s} "
               "validation models on which it chooses a hyperparameter) at {rate:.1f} ms per model, plus its own "
@@ -66,13 +67,18 @@ def ground_truth(train_store: SubsetStore, eval_store: SubsetStore, repeats: int
                   train_store.read("test_outputs", val_rows)[:, cols], targets)
 
 
+def seeded_sample(population: int, count: int, seed: int, salt: int) -> np.ndarray:
+    """``count`` of ``range(population)`` drawn without replacement from ``[seed, salt]``, sorted."""
+    return np.sort(np.random.default_rng([seed, salt]).choice(population, count, replace=False))
+
+
 def comparison_targets(num_test: int, num_targets: int, seed: int) -> np.ndarray | None:
     """The test examples the comparison scores: all of them for ``num_targets`` 0 (None), else a
     seeded sample of that many, in test-set order. Every method's (n, t) scores are held while it
     is chosen and scored, so t is what stage attribution_comparison's host memory grows by."""
     if num_targets == 0 or num_targets >= num_test:
         return None
-    return np.sort(np.random.default_rng([seed, 23]).choice(num_test, num_targets, replace=False))
+    return seeded_sample(num_test, num_targets, seed, 23)
 
 
 @dataclass
@@ -176,6 +182,19 @@ def _test_tensors(cmp: Comparison, run: SubsetRun) -> tuple:
     return x_tr, y_tr, x_te[cmp.ground.cols], y_te[cmp.ground.cols]
 
 
+def _checkpoint_averages(cmp: Comparison, method: str, score, models: list, load: list[float], ensemble_sizes: list[int],
+                         **knobs) -> None:
+    """Record ``method`` at each M of ``ensemble_sizes``: ``score(model) -> (n, t)`` averaged over the
+    first M of ``models``, charged their load seconds and its own time."""
+    total, own = 0.0, 0.0
+    for m in range(max(ensemble_sizes)):
+        t0 = time.perf_counter()
+        total = total + score(models[m])
+        own += load[m] + time.perf_counter() - t0
+        if m + 1 in ensemble_sizes:
+            cmp.add(method, m + 1, own, total / (m + 1), False, **knobs)
+
+
 def run_gradient_similarity(cmp: Comparison, run: SubsetRun, models: list, load: list[float], ensemble_sizes: list[int]) -> tuple:
     """Gradient dot product and cosine averaged over the first M of ``models``, for each M in
     ``ensemble_sizes``, over every parameter or the trailing layers whose per-example gradients
@@ -185,27 +204,43 @@ def run_gradient_similarity(cmp: Comparison, run: SubsetRun, models: list, load:
     task = run.make_task()
     names, params = baselines.params_within(models[0], len(x_tr) + len(x_te))
     for name, fn in (("grad_dot", baselines.grad_dot), ("grad_cosine", baselines.grad_cosine)):
-        total, own = 0.0, 0.0
-        for m in range(max(ensemble_sizes)):
-            t0 = time.perf_counter()
-            total = total + fn(task, models[m], x_tr, y_tr, x_te, y_te, names)
-            own += load[m] + time.perf_counter() - t0
-            if m + 1 in ensemble_sizes:
-                cmp.add(name, m + 1, own, total / (m + 1), False, params=params)
+        _checkpoint_averages(cmp, name, lambda model: fn(task, model, x_tr, y_tr, x_te, y_te, names), models, load, ensemble_sizes,
+                             params=params)
     return names, params
 
 
 def run_embedding_similarity(cmp: Comparison, run: SubsetRun, models: list, load: list[float], ensemble_sizes: list[int]) -> None:
-    """A two-tower model's embedding similarity (:func:`~datalens.attribution.baselines.embedding_similarity`),
+    """The model's own embedding similarity (:func:`~datalens.attribution.baselines.embedding_similarity`),
     averaged over the first M of ``models`` for each M in ``ensemble_sizes``."""
     x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
-    task, total, own = run.make_task(), 0.0, 0.0
-    for m in range(max(ensemble_sizes)):
-        t0 = time.perf_counter()
-        total = total + baselines.embedding_similarity(task, models[m], x_tr, y_tr, x_te, y_te)
-        own += load[m] + time.perf_counter() - t0
-        if m + 1 in ensemble_sizes:
-            cmp.add("embedding_similarity", m + 1, own, total / (m + 1), False)
+    task = run.make_task()
+    _checkpoint_averages(cmp, "embedding_similarity", lambda model: baselines.embedding_similarity(task, model, x_tr, y_tr, x_te, y_te),
+                         models, load, ensemble_sizes)
+
+
+def run_section_methods(cmp: Comparison, run: SubsetRun, store: SubsetStore, cp: dict, executor=None) -> None:
+    """Every method of a section run (``clip``, ``fact_tracing``) into ``cmp``, under stage 05's
+    accounting: TRAK at every (M, k) of ``cp["trak"]`` (features of the run's checkpoints,
+    resumable), datamodels at ``cp["datamodels"]["model_counts"]`` and on every model (when the
+    section has ``datamodels``), empirical influence at those counts, gradient dot product and
+    cosine and the model's embedding similarity averaged over ``ensemble_sizes`` checkpoints, and
+    TracIn over ``tracin_epochs``."""
+    tp, ap, d = cp["trak"], cp["attribution"], cp.get("datamodels")
+    device = resolve_device(run.device)
+    job = FeatureJob(run, resolve_location(cp, tp["store"]), tuple(tp["proj_dims"]), tp["proj_type"], run.seed,
+                     backend=projection.projector_backend(device))
+    run_trak(cmp, featurize_checkpoints(job, max(tp["num_models"]), executor=executor), tp["num_models"], tp["proj_dims"], tp["ridge_grid"])
+    done = int(store.completed().sum())
+    counts = sorted({n for n in (d["model_counts"] if d else []) if n <= done} | {done})
+    if d:
+        solver = dict(num_lambdas=d["num_lambdas"], eps=d["eps"], max_iter=d["max_iter"], tol=d["tol"], device=str(device))
+        run_datamodels(cmp, ((n, dm, seconds) for n, dm, _, seconds in datamodels.timed_fits(store, counts, d["val_fraction"], run.seed,
+                                                                                               solver)))
+    run_empirical_influence(cmp, store, counts)
+    models, load = load_checkpoints(run, store, max(ap["ensemble_sizes"]))
+    run_gradient_similarity(cmp, run, models, load, ap["ensemble_sizes"])
+    run_embedding_similarity(cmp, run, models, load, ap["ensemble_sizes"])
+    run_tracin(cmp, run, store.read("masks", np.arange(1))[0], ap["tracin_epochs"])
 
 
 def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, ensemble_sizes: list[int],

@@ -4,13 +4,11 @@ and the datamodel embedding (PCA of the targets' weight vectors). Figures are dr
 notebook from these results."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
-from datalens.attribution.datamodels import Datamodels, fit_from_store, save_fit
+from datalens.attribution.datamodels import Datamodels, fit_from_store, save_fit, timed_fits
 from datalens.core.config import ParamError
 from datalens.core.data import Dataset
 from datalens.evaluation.metrics import evaluate_heldout
@@ -27,20 +25,18 @@ def fit_and_grow(train_store, held_out: tuple[np.ndarray, np.ndarray, np.ndarray
     them instead of refitting), so at most two are held at once (at paper scale each is 8 GB).
     Returns the full fit and its result (held-out scores, sparsity, unconverged solves and
     ``growth``: the scores per model count, the full fit's last)."""
-    t0 = time.perf_counter()
-    dm, diag = fit_from_store(train_store, val_fraction=val_fraction, seed=seed, **solver)
     num_models = int(train_store.completed().sum())
-    save_fit(fits_dir, num_models, dm, time.perf_counter() - t0)
-    result = {"num_models": num_models, **evaluate_heldout(dm.weight, dm.bias, *held_out)}
-    result["mean_nonzero_weights"] = float((dm.weight != 0).sum(0).mean())
-    result["unconverged_solves"] = int(diag["unconverged_solves"])
-    growth = {}
-    for n_models in sorted(n for n in model_counts if n < num_models):
-        t0 = time.perf_counter()
-        dm_n, _ = fit_from_store(train_store, num_models=n_models, val_fraction=val_fraction, seed=seed, progress=False, **solver)
-        save_fit(fits_dir, n_models, dm_n, time.perf_counter() - t0)
-        growth[n_models] = evaluate_heldout(dm_n.weight, dm_n.bias, *held_out)
-        del dm_n
+    refits = sorted(n for n in model_counts if n < num_models)
+    growth, dm, result = {}, None, {}
+    for n, fit, diag, seconds in timed_fits(train_store, [num_models, *refits], val_fraction, seed, solver, progress=True):
+        save_fit(fits_dir, n, fit, seconds)
+        if n == num_models:
+            dm = fit
+            result = {"num_models": num_models, **evaluate_heldout(dm.weight, dm.bias, *held_out),
+                      "mean_nonzero_weights": float((dm.weight != 0).sum(0).mean()), "unconverged_solves": int(diag["unconverged_solves"])}
+        else:
+            growth[n] = evaluate_heldout(fit.weight, fit.bias, *held_out)
+        del fit
     growth[num_models] = {k: result[k] for k in growth[min(growth)]} if growth else {}
     result["growth"] = {str(k): v for k, v in growth.items()}
     return dm, result

@@ -11,8 +11,9 @@ parameters, and the target side is ``grad f_x``.
 * ``grad_cosine``: the same, normalised
 * ``tracin``: sum over checkpoints c of lr_c <-grad L_i^c, grad f_x^c>
 * ``representation_similarity``: cosine of penultimate-layer features
-* ``embedding_similarity`` (two-tower models): the mean of the image-image and text-text cosines
-  of the model's own embeddings (the TRAK paper's CLIP-similarity baseline)
+* ``embedding_similarity``: the cosine of the model's own embeddings (two-tower models: the mean of
+  the image-image and text-text cosines, the TRAK paper's CLIP-similarity baseline)
+* ``bm25``: lexical retrieval of training texts by a query (fact tracing's classic baseline)
 * ``influence_explicit`` / ``influence_cg``: tau = grad f_x^T (H + damping I)^{-1} (-grad L_i),
   H the Hessian of the model's mean training loss on its own subset; explicit inverse
   for few parameters, batched conjugate gradient on Hessian-vector products otherwise
@@ -34,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from rank_bm25 import BM25Okapi
 from torch.utils.data import TensorDataset
 
 from datalens.tasks.base import Task
-from datalens.tasks.gradients import CHUNK, out_to_loss, per_example_gradients, raw_outputs
+from datalens.tasks.gradients import CHUNK, out_to_loss, per_example_gradients
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -123,15 +125,26 @@ def representation_similarity(model: nn.Module, x_train, x_targets) -> np.ndarra
     return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).cpu().numpy()
 
 
-def embedding_similarity(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targets) -> np.ndarray:
-    """(n, t): for a task whose raw outputs are (B, 1 + K, 2, dim), the pair's image and text
-    embeddings first (:class:`~datalens.tasks.contrastive.ContrastiveTask`), the mean of
-    cos(image_i, image_x) and cos(text_i, text_x)."""
-    def pairs(x, y):
-        return F.normalize(raw_outputs(model, x, task.training_targets(y), task)[:, 0].double(), dim=-1)  # (B, 2, dim)
+def embedding_similarity(task: Task, model: nn.Module, x_train, y_train, x_targets, y_targets, chunk: int = CHUNK) -> np.ndarray:
+    """(n, t): the cosine similarity of the model's own embeddings of each training example and
+    target (:meth:`Task.embeddings`, (B, E, dim)), averaged over the E embeddings (a two-tower
+    model's image and text: the TRAK paper's CLIP-similarity baseline; a language model's
+    pooled states), ``chunk`` examples per forward."""
+    @torch.no_grad()
+    def unit(x, y):
+        return torch.cat([F.normalize(task.embeddings(model.eval(), x[a:a + chunk], y[a:a + chunk]).double(), dim=-1)
+                          for a in range(0, len(x), chunk)])
 
-    a, b = pairs(x_train, y_train), pairs(x_targets, y_targets)
-    return (0.5 * (a[:, 0] @ b[:, 0].T + a[:, 1] @ b[:, 1].T)).cpu().numpy()
+    a, b = unit(x_train, y_train), unit(x_targets, y_targets)
+    return (torch.einsum("ied,jed->ij", a, b) / a.shape[1]).cpu().numpy()
+
+
+def bm25(train_texts: Sequence[str], query_texts: Sequence[str]) -> np.ndarray:
+    """(n, t): Okapi BM25 (Robertson and Zaragoza, 2009; ``rank_bm25`` at its defaults, k1 = 1.5,
+    b = 0.75) of each training text for each query, both split on whitespace: lexical overlap,
+    blind to any model."""
+    index = BM25Okapi([t.split() for t in train_texts])
+    return np.stack([index.get_scores(q.split()) for q in query_texts], 1)
 
 
 def _training_loss_fn(task: Task, model, x, y, names):

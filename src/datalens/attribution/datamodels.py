@@ -23,6 +23,7 @@ then the fit is redone on train + validation models at that lambda.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,6 +452,17 @@ def fit_from_store(store, num_models: int | None = None, val_fraction: float = 0
     train = Moments.from_blocks(store_blocks(store, done[tr], target, measure=measure), device)
     val = Moments.from_blocks(store_blocks(store, done[va], target, measure=measure), device)
     return fit_datamodels(train, val, **kwargs)
+
+
+def timed_fits(store, counts: Sequence[int], val_fraction: float, seed: int, solver: dict,
+               progress: bool = False) -> Iterator[tuple[int, Datamodels, dict, float]]:
+    """For each N of ``counts``, in order: datamodels on the first N completed models of ``store``
+    (lambda chosen on a ``val_fraction`` split of those N), their diagnostics and the wall seconds
+    the fit took. One fit is made at a time, so a caller that drops each keeps one in memory."""
+    for n in counts:
+        t0 = time.perf_counter()
+        dm, diag = fit_from_store(store, num_models=n, val_fraction=val_fraction, seed=seed, progress=progress, **solver)
+        yield n, dm, diag, time.perf_counter() - t0
 
 
 # -- ridge datamodels: many targets at once ------------------------------------------------

@@ -39,7 +39,7 @@ def _annotation_file(root: Path, split: str) -> Path:
 
 def missing_coco(root: str | Path) -> str | None:
     """Why COCO cannot load from ``root`` (one line), or None when both caption files are there."""
-    absent = [str(_annotation_file(Path(root), s)) for s in SPLITS if not _annotation_file(Path(root), s).exists()]
+    absent = [str(path) for path in (_annotation_file(Path(root), s) for s in SPLITS) if not path.exists()]
     return (f"MS COCO captions not found ({', '.join(absent)}): put your copy of the COCO 2017 captions and images under "
             f"{root} (annotations/, train2017/, val2017/) and track it with `dvc add`") if absent else None
 

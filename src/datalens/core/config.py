@@ -321,7 +321,14 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
 # each checked as its top-level key and by the same rules; ``device`` and ``execution`` stay shared.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "clip": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
+    "fact_tracing": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
 }
+
+
+def section_params(p: dict, section: str) -> dict:
+    """A :data:`SECTIONS` section of stage params ``p`` as a run's params: its own data, model,
+    train, ... beside the shared ``device``, ``execution`` and repo root."""
+    return {**p[section], "device": p["device"], "execution": p["execution"], "_root": p["_root"]}
 
 
 def _own_model(flat: dict[str, Any]) -> bool:

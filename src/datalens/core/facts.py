@@ -14,6 +14,10 @@ to a fact is one token. The training sentences are
 
 Each fact's *query* is :data:`QUERY` (``s is located in``), a wording no training sentence uses;
 its answer is c. Sentences are shuffled with the seed. Tokens: :class:`datalens.core.captions.Vocabulary`.
+
+:func:`fact_tracing` is the dataset of the fact-tracing stage (``data.dataset:
+datalens.core.facts:fact_tracing``): the training sentences and the queries as token sequences
+for :class:`datalens.tasks.language.LanguageModelTask`.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 import pycountry
 
 from datalens.core.captions import Vocabulary
+from datalens.core.data import Dataset
 
 STATEMENTS = ("{s} is a {kind} of {c} .", "{s} lies in {c} .", "the {kind} {s} belongs to {c} .")
 DISTRACTORS = ("{s} is a {kind} .", "{c} has the code {code} .")
@@ -85,3 +90,42 @@ def fact_corpus(num_countries: int = 12, per_country: int = 10, seed: int = 0) -
     stated = [rows[i][1] for i in order]
     proponents = tuple(tuple(j for j, f in enumerate(stated) if f == fact) for fact in range(len(subjects)))
     return FactCorpus(sentences, tuple(subjects), tuple(answers), proponents, tuple(QUERY.format(s=s) for s in subjects), seed)
+
+
+def next_token_targets(tokens: np.ndarray) -> np.ndarray:
+    """A sentence's targets (n, L): each position's next token, 0 (unscored) past its end."""
+    out = np.zeros_like(tokens)
+    out[:, :-1] = tokens[:, 1:]
+    return out
+
+
+def query_examples(corpus: FactCorpus, vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """Queries as (inputs (F, L), targets (F, L)): the prompt's tokens, and the answer's id at the
+    prompt's last position (the one that predicts it), 0 elsewhere."""
+    x = vocab.encode(list(corpus.queries))
+    y = np.zeros_like(x)
+    last = (x > 0).sum(1) - 1
+    y[np.arange(len(x)), last] = vocab.encode(list(corpus.answers))[:, 0]
+    return x, y
+
+
+def fact_tracing(root: str = "data") -> Dataset:
+    """The fact corpus at its defaults as a language-model dataset: training examples are the
+    sentences (inputs their tokens, targets the next tokens), test examples the queries (targets
+    the answer at the prompt's end). Class count: the vocabulary size; class names: the pad and the
+    words by id. ``root`` is unused (the data ships in ``pycountry``)."""
+    corpus = fact_corpus()
+    vocab = corpus.vocabulary()
+    x_train = vocab.encode(list(corpus.sentences))
+    x_test, y_test = query_examples(corpus, vocab)
+    strip = lambda x: np.zeros((len(x), 1, 1), np.float32)  # noqa: E731  (text has no image for figures)
+    return Dataset("fact_tracing", x_train, next_token_targets(x_train), x_test, y_test, vocab.size, ("<pad>", *vocab.words),
+                   strip(x_train), strip(x_test))
+
+
+def fact_proponents(root: str = "data") -> tuple[tuple[int, ...], ...]:
+    """Per query of :func:`fact_tracing` (F,), the indices of the training sentences that state its fact."""
+    return fact_corpus().proponents
+
+
+fact_tracing.proponents = fact_proponents  # the ground truth retrieval is scored against, found through the dataset's import path

@@ -1,7 +1,7 @@
 """Scores that compare predictions with trained models' actual outputs: the linear
 datamodeling score (LDS), correlations per target, seed agreement (the noise ceiling),
-the held-out arrays they are computed on, and selection of hyperparameters by LDS on
-validation models.
+the held-out arrays they are computed on, selection of hyperparameters by LDS on
+validation models, and retrieval of known proponents (MRR, recall at k).
 
 Conventions that keep a score from flattering: a target whose prediction (or actual
 margin) is constant across models has correlation **0**, not NaN, so it counts against
@@ -103,3 +103,24 @@ def select_by_lds(candidates: dict, masks: np.ndarray, actual: np.ndarray) -> tu
     and every candidate's validation LDS."""
     lds = {key: linear_datamodeling_score(s, masks, actual) for key, s in candidates.items()}
     return max(lds, key=lds.get), lds
+
+
+def retrieval_ranks(scores: np.ndarray) -> np.ndarray:
+    """Each training example's rank (1 = first) for each target, (n, t), ordered by descending
+    score (n, t); ties go to the lower index, so a method that scores many examples alike does not
+    have them ranked in its favour."""
+    order = np.argsort(-scores, axis=0, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(1, len(scores) + 1)[:, None], axis=0)
+    return ranks
+
+
+def retrieval(scores: np.ndarray, relevant: list, k: int = 10) -> dict:
+    """How well ``scores`` (n, t) retrieve each target's ``relevant`` training examples (t index
+    lists, e.g. the sentences that state a fact): the mean reciprocal rank of the first relevant
+    example (MRR) and the mean fraction of relevant examples among the top ``k`` (recall at k),
+    over targets, as in fact tracing (Akyurek et al., 2022)."""
+    ranks = retrieval_ranks(scores)
+    first = np.array([ranks[list(rel), j].min() for j, rel in enumerate(relevant)])
+    within = np.array([(ranks[list(rel), j] <= k).mean() for j, rel in enumerate(relevant)])
+    return {"mrr": float((1.0 / first).mean()), f"recall_at_{k}": float(within.mean())}

@@ -22,10 +22,12 @@ from datalens.reporting.reports import best_record, mean_p95
 
 NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
              "counterfactuals": "04_counterfactuals", "attribution_comparison": "05_attribution_comparison",
-             "modeldiff": "06_modeldiff", "unlearning": "07_unlearning", "clip": "09_clip"}
+             "modeldiff": "06_modeldiff", "unlearning": "07_unlearning", "clip": "09_clip",
+             "fact_tracing": "10_fact_tracing"}
 SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals")),
             ("TRAK and the method comparison", ("attribution_comparison",)),
             ("TRAK for contrastive image-text models (CLIP)", ("clip",)),
+            ("TRAK for language models: fact tracing", ("fact_tracing",)),
             ("ModelDiff", ("modeldiff",)),
             ("Unlearning", ("unlearning",))]
 NOTEBOOK_ONLY = "notebook-only"  # a cell tag: left out of the rendered page
@@ -43,6 +45,31 @@ def _clip_drops(m: dict) -> str:
     ks = [c["k"] for c in curves["trak"]]
     return "mean cosine drop at k = " + " / ".join(map(str, ks)) + ": " + "; ".join(
         f"{name.replace('_', ' ')} " + " / ".join(f"{c['mean']:.3f}" for c in curve) for name, curve in curves.items())
+
+
+def _named(method: str) -> str:
+    return {"trak": "TRAK", "bm25": "BM25", "tracin": "TracIn"}.get(method, method.replace("_", " "))
+
+
+def _section_lds(m: dict, rivals: dict[str, str]) -> str:
+    """A section stage's LDS line: TRAK's best (with its M and k), datamodels', each rival's best
+    ({method: name}) and the noise ceiling, then the accounting."""
+    best = best_record(m, "trak")
+    dm = best_record(m, "datamodels")["lds"] if "datamodels" in m["best_lds"] else float("nan")
+    return (f"TRAK best {best['lds']:.3f} (M = {best['models_used']}, k = {best['proj_dim']}); datamodels {dm:.3f}; "
+            + "; ".join(f"{name} {best_record(m, method)['lds']:.3f}" for method, name in rivals.items())
+            + f"; noise ceiling against the mean of the repeats {m.get('mean_ceiling', float('nan')):.3f}. {m['accounting']}")
+
+
+def _fact_drops(m: dict) -> str:
+    out = []
+    for measure, label in (("answer_probability", "answer probability"), ("recall", "recall")):
+        curves = m["counterfactual"][measure]
+        ks = [c["k"] for c in curves["trak"]]
+        out.append(f"mean drop in {label} at k = " + " / ".join(map(str, ks)) + ": " + "; ".join(
+            f"{_named(name)} " + " / ".join(f"{c['mean']:.3f}" for c in curve)
+            for name, curve in curves.items()))
+    return ". ".join(out) + f" (full-data recall of these queries {m['counterfactual_full_data']['recall']:.2f})"
 
 
 def _trak_at(m: dict, models_used: int) -> float:
@@ -100,17 +127,28 @@ FIGURES = [
     ("clip", "lds_vs_compute.png", "LDS of every method against charged compute, for two-tower models trained by InfoNCE on the "
      "digits paired with captions; the output is the CLIP output of each test pair against 15 fixed negatives.",
      "TRAK paper, CLIP on MS COCO (LDS of TRAK against the baselines)",
-     lambda m: f"TRAK best {best_record(m, 'trak')['lds']:.3f} (M = {best_record(m, 'trak')['models_used']}, k = "
-               f"{best_record(m, 'trak')['proj_dim']}); datamodels "
-               f"{best_record(m, 'datamodels')['lds'] if 'datamodels' in m['best_lds'] else float('nan'):.3f}; TracIn "
-               f"{best_record(m, 'tracin')['lds']:.3f}; gradient dot product {best_record(m, 'grad_dot')['lds']:.3f}; embedding "
-               f"similarity {best_record(m, 'embedding_similarity')['lds']:.3f}; noise ceiling against the mean of the repeats "
-               f"{m.get('mean_ceiling', float('nan')):.3f}. {m['accounting']}", ["trak_clip_lds"]),
+     lambda m: _section_lds(m, {"tracin": "TracIn", "grad_dot": "gradient dot product", "embedding_similarity": "embedding similarity"}),
+     ["trak_clip_lds"]),
     ("clip", "counterfactual_cosine_drop.png", "Drop in a test pair's cosine similarity after removing its top-k training pairs "
      "by TRAK, by embedding similarity or at random and retraining on the rest (mean and 95% interval over targets and seeds).",
      "TRAK paper, CLIP counterfactual", _clip_drops, ["trak_clip_counterfactual"]),
     ("clip", "top_attributed_pairs.png", "Test pairs with their top training pairs by TRAK and by embedding similarity (image and caption).",
      "TRAK paper, CLIP qualitative examples", lambda m: "", []),
+    ("fact_tracing", "lds_vs_compute.png", "LDS of every method against charged compute, for small causal transformers trained "
+     "on sentences stating facts from ISO 3166-2; the output is each query's answer margin.",
+     "TRAK paper, fact tracing with mT5 (LDS is not reported there)",
+     lambda m: _section_lds(m, {"bm25": "BM25", "tracin": "TracIn"}), []),
+    ("fact_tracing", "retrieval.png", "How well each method ranks the sentences that state a query's fact first (MRR, recall at 10).",
+     "TRAK paper and FTRACE-TREx (Akyurek et al.): retrieval of a fact's proponents",
+     lambda m: "MRR / recall at 10: " + ", ".join(f"{_named(k)} {v['mrr']:.3f} / {v['recall_at_10']:.3f}" for k, v in m["retrieval"].items()),
+     ["ftrace_mrr_bm25", "ftrace_mrr_tracin", "ftrace_mrr_embedding", "trak_fact_tracing_mrr"]),
+    ("fact_tracing", "counterfactual_answer_probability.png", "Drop in the answer's probability after removing a query's top-k "
+     "sentences by TRAK, by BM25 or at random and retraining (mean and 95% interval over queries and seeds).",
+     "TRAK paper, fact-tracing counterfactual", _fact_drops, ["trak_fact_tracing_counterfactual"]),
+    ("fact_tracing", "counterfactual_recall.png", "Drop in the fraction of retrained models that still recall the fact.",
+     "TRAK paper, fact-tracing counterfactual", lambda m: "", []),
+    ("fact_tracing", "top_sentences.png", "A query with its top training sentences by TRAK, BM25 and embedding similarity; the "
+     "sentences that state its fact are marked.", "TRAK paper, fact-tracing qualitative examples", lambda m: "", []),
     ("modeldiff", "accuracy.png", "Mean test accuracy of every algorithm ModelDiff compares.", "ModelDiff paper, case-study setup",
      lambda m: ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()), []),
     ("modeldiff", "planted_variance.png", "Explained variance of each distinguishing direction under A and under B (planted patch).",
@@ -251,6 +289,13 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
         best = best_record(c, "trak")
         rows += [{"metric": "CLIP: TRAK LDS, best (noise ceiling)", "value": f"{best['lds']:.3f} ({c.get('mean_ceiling', float('nan')):.3f})",
                   "params": f"k = {best['proj_dim']}, M = {best['models_used']}; two towers on the digits' captions"}]
+    if "fact_tracing" in m:
+        f = m["fact_tracing"]
+        best = best_record(f, "trak")
+        rows += [{"metric": "fact tracing: TRAK LDS, best (noise ceiling)", "value": f"{best['lds']:.3f} ({f.get('mean_ceiling', float('nan')):.3f})",
+                  "params": f"k = {best['proj_dim']}, M = {best['models_used']}; a causal transformer on the fact corpus"},
+                 {"metric": "fact tracing: MRR (TRAK / BM25)", "value": f"{f['retrieval']['trak']['mrr']:.3f} / {f['retrieval']['bm25']['mrr']:.3f}",
+                  "params": "against the sentences that state each fact"}]
     if "modeldiff" in m:
         d = m["modeldiff"]
         r = d["planted"]
@@ -281,6 +326,9 @@ def headline_values(reports_dir) -> dict[str, float]:
         out.update(trak_lds_best=best_record(a, "trak")["lds"], datamodels_lds_best=best_record(a, "datamodels")["lds"])
     if "clip" in m:
         out["clip_trak_lds_best"] = best_record(m["clip"], "trak")["lds"]
+    if "fact_tracing" in m:
+        out.update(fact_tracing_trak_lds_best=best_record(m["fact_tracing"], "trak")["lds"],
+                   fact_tracing_mrr_trak=m["fact_tracing"]["retrieval"]["trak"]["mrr"], fact_tracing_mrr_bm25=m["fact_tracing"]["retrieval"]["bm25"]["mrr"])
     if "modeldiff" in m:
         d = m["modeldiff"]
         out["modeldiff_planted_auroc"] = d["planted"]["auroc"]

@@ -103,9 +103,16 @@ def _clip(r: dict) -> dict:
     return {**_attribution(r), **drops}
 
 
+def _fact_tracing(r: dict) -> dict:
+    drops = {f"{measure}_drop_k{c['k']}_{m}": c["mean"] for measure, curves in r["counterfactual"].items()
+             for m, curve in curves.items() for c in curve[-1:]}
+    return {**_attribution(r), **{f"{metric}_{m}": v for m, row in r["retrieval"].items() for metric, v in row.items()}, **drops}
+
+
 HEADLINES = {"train_subsets": _scalars, "eval_models": _scalars, "fit_datamodels": _scalars, "counterfactuals": _counterfactuals,
              "attribution_comparison": _attribution, "modeldiff_train": _modeldiff_train, "modeldiff": _modeldiff,
-             "unlearning": _unlearning, "clip": _clip}
+             "unlearning": _unlearning, "clip": _clip,
+             "fact_tracing": _fact_tracing}
 
 
 def headline(stage: str, results: dict) -> dict[str, float | int | bool]:

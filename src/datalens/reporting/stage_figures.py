@@ -141,6 +141,28 @@ def clip_figures(cmp, summary: dict, top_scores: dict[str, np.ndarray], shown: n
     plots.image_grid(imgs, titles, fig / "top_attributed_pairs.png", ncols=1 + k, size=2.0)
 
 
+# -- fact_tracing -----------------------------------------------------------------------------
+
+def fact_tracing_figures(cmp, summary: dict, top_scores: dict[str, np.ndarray], shown: int, train_texts: list[str],
+                         query_texts: list[str], relevant: list, fig: Path, k: int = 6) -> None:
+    """LDS against charged compute; MRR and recall at 10 per method; the counterfactual drops in
+    answer probability and recall against k; and for the ``shown`` score column each method of
+    ``top_scores`` {method: (n, t)}'s top-k training sentences, the ground truth (``relevant``
+    per column) marked."""
+    plots.lds_vs_compute(cmp.records, fig / "lds_vs_compute.png", trak_proj_dim=max(r.get("proj_dim") or 0 for r in cmp.records),
+                         caption=cmp.caption())
+    table = summary["retrieval"]
+    plots.grouped_bars({metric: {m: table[m][metric] for m in table} for metric in next(iter(table.values()))}, fig / "retrieval.png",
+                       "score", caption="Retrieval of the sentences that state each query's fact, over every query.")
+    for measure, label in (("answer_probability", "drop in the answer's probability"), ("recall", "drop in the fraction of models recalling it")):
+        curves = summary["counterfactual"][measure]
+        plots.dose_response([c["k"] for c in next(iter(curves.values()))], curves, fig / f"counterfactual_{measure}.png",
+                            "training sentences removed (k)", label, "Remove the top-k, retrain: mean and 95% interval")
+    columns = {method: [(train_texts[i], float(s[i, shown]), bool(i in relevant[shown])) for i in np.argsort(-s[:, shown], kind="stable")[:k]]
+               for method, s in top_scores.items()}
+    plots.ranked_texts(query_texts[shown], columns, fig / "top_sentences.png")
+
+
 # -- unlearning -------------------------------------------------------------------------------
 
 def unlearning_figures(summary: dict, pooled: dict, histogram: tuple, hist_set: str, u: dict, num_models: int,

@@ -68,6 +68,11 @@ class Task:
         """One number per model over a set of examples, (...,): by default the mean output."""
         return self.output(outputs, targets).float().mean(-1)
 
+    def embeddings(self, model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The model's own representation of each example (B, E, dim), E embeddings per example,
+        for embedding similarity."""
+        raise NotImplementedError(f"task {self.name!r} defines no embeddings; embedding similarity needs them")
+
     def sample_targets(self, outputs: torch.Tensor) -> torch.Tensor:
         """Targets drawn from the model's own predictive distribution (the true Fisher of EK-FAC)."""
         raise NotImplementedError(f"task {self.name!r} defines no predictive distribution; EK-FAC needs sample_targets")

@@ -95,6 +95,10 @@ class ContrastiveTask(Task):
         p = [torch.softmax(scale.unsqueeze(-1) * torch.cat([s.unsqueeze(-1), other], -1), -1)[..., 0] for other in (i2t, t2i)]
         return 1.0 - 0.5 * (p[0] + p[1])
 
+    def embeddings(self, model, inputs, targets):
+        """The pair's image and text embeddings (B, 2, dim), without its negatives."""
+        return model(inputs, self.training_targets(targets))
+
     def cosine(self, outputs: torch.Tensor) -> torch.Tensor:
         """The pair's cosine similarity (..., B): what the counterfactual measures."""
         return self._similarities(outputs)[0]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from datalens.core.captions import NEGATIVES
-from datalens.core.config import get_dotted, resolve_location
+from datalens.core.config import get_dotted, resolve_location, section_params
 from datalens.core.data import Dataset, load_dataset
 from datalens.training.engine import TrainedModels, TrainSettings, flatten_state, init_models, resolve_device, train_models, unflatten_state
 from datalens.core.execution import LocalExecutor
@@ -25,6 +25,7 @@ from datalens.core.models import build_model
 from datalens.tasks.base import Task
 from datalens.tasks.classification import ClassificationTask
 from datalens.tasks.contrastive import ContrastiveTask
+from datalens.tasks.language import LanguageModelTask
 from datalens.core.progress import progress_bar
 from datalens.core.sampling import model_seed, subset_masks
 from datalens.core.store import SubsetStore, located, open_existing
@@ -57,7 +58,7 @@ class SubsetRun:
     repeat_offset: int = 0  # shifts every model seed: the same masks with other seeds (a negative control)
     exclude: tuple[int, ...] | None = None  # training examples left out of every mask (unlearning's oracles: S minus F)
     record_logits: bool = False  # also keep the raw outputs (every class logit) on train and test examples (float16)
-    task: str = "classification"  # the kind of model (datalens.tasks); classification is the one built so far
+    task: str = "classification"  # the kind of model (datalens.tasks): classification, contrastive, language_model
     repo: str = "."  # the repo root, against which import paths of your own data and models resolve
 
     @classmethod
@@ -124,14 +125,17 @@ class SubsetRun:
         return cached_dataset(self.dataset, self.data_root, self.patch, self.blank, self.repo)
 
     def make_task(self) -> Task:
-        """The task object this run trains and measures: classification, or contrastive on a pairs
-        dataset (``datalens.core.captions``), whose pool is its test split."""
+        """The task object this run trains and measures: classification, contrastive on a pairs
+        dataset (``datalens.core.captions``), whose pool is its test split, or a language model
+        (``datalens.tasks.language``)."""
         if self.task == "classification":
             return ClassificationTask(label_smoothing=self.settings.label_smoothing)
         if self.task == "contrastive":
             ds = self.dataset_()
             return ContrastiveTask.of_pairs(torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test), NEGATIVES)
-        raise ValueError(f"task {self.task!r} is unknown; allowed values: classification, contrastive")
+        if self.task == "language_model":
+            return LanguageModelTask()
+        raise ValueError(f"task {self.task!r} is unknown; allowed values: classification, contrastive, language_model")
 
     def build_model(self) -> nn.Module:
         ds = self.dataset_()
@@ -227,6 +231,13 @@ def eval_run(p: dict, **given) -> SubsetRun:
     ev = p["evaluation"]
     return SubsetRun.from_params(p, store=ev["store"], num_models=ev["num_masks"] * ev["repeats"], seed=ev["seed"],
                                  stream="eval", repeats=ev["repeats"], num_checkpoints=0, **given)
+
+
+def section_runs(p: dict, section: str, task: str) -> tuple[SubsetRun, SubsetRun]:
+    """The subset run and the held-out evaluation run of a :data:`~datalens.core.config.SECTIONS`
+    section (``clip``, ``fact_tracing``) of stage params ``p``, models of kind ``task``."""
+    cp = section_params(p, section)
+    return SubsetRun.from_params(cp, task=task), eval_run(cp, task=task)
 
 
 def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
