@@ -51,7 +51,7 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     check_params_file(tmp_path / "params.yaml")
     for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
         p = stage_params(stage, tmp_path / "params.yaml", environment=False)  # it names a GPU this machine lacks
-        expected = {"clip": "datalens.core.coco:coco_captions", "fact_tracing": "datalens.core.facts:fact_tracing"}
+        expected = {"clip": "datalens.core.coco:coco_captions", "fact_tracing": "datalens.core.ftrace:ftrace"}
         assert (p[stage] if stage in expected else p)["data"]["dataset"] == expected.get(stage, "cifar10")
     assert stage_params("train_subsets", tmp_path / "params.yaml", environment=False)["model"]["name"] == "resnet9"
 

@@ -40,8 +40,10 @@ def texts(run: SubsetRun, cols: slice | np.ndarray = slice(None)) -> tuple[list[
     def decode(tokens: np.ndarray) -> str:
         return " ".join(words[tokens[tokens > 0]])
 
-    queries = [f"{decode(x)} {decode(y)}" for x, y in zip(ds.x_test[cols], ds.y_test[cols])]
-    return [decode(x) for x in ds.x_train], queries
+    def query(x: np.ndarray, y: np.ndarray) -> str:  # the prompt up to the position that predicts the answer, then the answer
+        return f"{decode(x[:np.flatnonzero(y)[0] + 1])} {decode(y)}"
+
+    return [decode(x) for x in ds.x_train], [query(x, y) for x, y in zip(ds.x_test[cols], ds.y_test[cols])]
 
 
 def proponents(run: SubsetRun, cols: slice | np.ndarray = slice(None)) -> list[tuple[int, ...]]:
@@ -109,13 +111,18 @@ def counterfactual_summary(effects: dict, ks: list[int]) -> dict[str, dict[str, 
 
 def counterfactual(cmp: comparison.Comparison, run: SubsetRun, rankings: dict[str, np.ndarray], cf: dict) -> dict:
     """The counterfactual of the module docstring, on a seeded sample of ``cf["num_targets"]`` of
-    the score columns the full-data models recall: remove each method's (``rankings`` {method:
+    the score columns the full-data models recall (all of those and the columns with the most
+    probable answers when fewer are recalled): remove each method's (``rankings`` {method:
     (n, t)}) top-k sentences for each ``cf["ks"]``, or k at random, retrain ``cf["num_retrains"]``
     seeds and measure. Returns the summary per measure, the sampled columns and their full-data
     measures, and the full-data recall over every column."""
     retrain = measure_retrain(run, cf["num_retrains"], cmp.ground.cols)
     recalled, full = recalled_candidates(retrain, run.dataset_().n_train)
-    shown = recalled[comparison.seeded_sample(len(recalled), min(cf["num_targets"], len(recalled)), cf["seed"], 29)]
+    if len(recalled) >= cf["num_targets"]:
+        shown = recalled[comparison.seeded_sample(len(recalled), cf["num_targets"], cf["seed"], 29)]
+    else:  # too few recalled (a small or undertrained model): the others with the most probable answers fill the sample
+        others = np.setdiff1d(np.arange(len(full)), recalled)
+        shown = np.sort(np.concatenate([recalled, others[np.argsort(-full[others, 0], kind="stable")[:cf["num_targets"] - len(recalled)]]]))
     effects = counterfactuals.removal_effects(rankings, shown, cf["ks"], retrain, cf["seed"])
     return {"counterfactual": counterfactual_summary(effects, cf["ks"]), "counterfactual_targets": shown.tolist(),
             "counterfactual_full_data": dict(zip(MEASURES, full[shown].mean(0).tolist())), "full_data_recall": float(full[:, 1].mean())}

@@ -7,7 +7,7 @@ downloaded. ``clip.data.root`` holds the COCO 2017 layout::
 
 Each image keeps its first caption (the lowest annotation id), so a pair is one image and one
 caption. Images are resized to ``size`` x ``size`` (bilinear), scaled to [0, 1] and standardised
-per channel on the training images. Captions are lowercased words (runs of letters and digits);
+per channel on the training images. Captions are lowercased words (:mod:`datalens.core.text`):
 the ``vocab_size - 2`` most frequent training words (ties alphabetically) get ids 2..; every
 other word is id 1 (unknown); id 0 pads to ``length`` tokens, and longer captions are cut. The
 targets are (n, length + NEGATIVES): the tokens, then the pair's negatives, drawn uniformly and
@@ -19,8 +19,6 @@ is a function of your own calling :func:`load_coco` (by import path, ``path/to/f
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,9 @@ from PIL import Image
 
 from datalens.core.captions import CAPTION_SEED, NEGATIVES, negative_indices
 from datalens.core.data import Dataset
+from datalens.core.text import frequent_vocabulary, tokenize
 
 SPLITS = {"train": "train2017", "val": "val2017"}
-WORD = re.compile(r"[a-z0-9]+")
 
 
 def _annotation_file(root: Path, split: str) -> Path:
@@ -65,15 +63,6 @@ def _images(paths: list[Path], size: int) -> np.ndarray:
     return out
 
 
-def tokenize(captions: list[str], vocabulary: dict[str, int], length: int) -> np.ndarray:
-    """(n, length) int64 token ids: known words by ``vocabulary``, others 1, padding 0."""
-    out = np.zeros((len(captions), length), np.int64)
-    for r, caption in enumerate(captions):
-        ids = [vocabulary.get(w, 1) for w in WORD.findall(caption.lower())][:length]
-        out[r, :len(ids)] = ids
-    return out
-
-
 def load_coco(root: str | Path, size: int = 64, vocab_size: int = 5000, length: int = 24) -> Dataset:
     """COCO 2017 pairs (module docstring): x (n, 3, size, size) standardised; y (n, length + NEGATIVES)."""
     root = Path(root)
@@ -81,9 +70,7 @@ def load_coco(root: str | Path, size: int = 64, vocab_size: int = 5000, length: 
     if missing:
         raise FileNotFoundError(missing)
     (train_paths, train_caps), (val_paths, val_caps) = _pairs(root, "train"), _pairs(root, "val")
-    counts = Counter(w for c in train_caps for w in WORD.findall(c.lower()))
-    words = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size - 2]
-    vocabulary = {w: i + 2 for i, w in enumerate(words)}
+    vocabulary, words = frequent_vocabulary(train_caps, vocab_size)
     img_tr, img_te = _images(train_paths, size), _images(val_paths, size)
     mean, std = img_tr.mean((0, 1, 2)), img_tr.std((0, 1, 2)) + 1e-6
     x_tr, x_te = ((img - mean) / std for img in (img_tr, img_te))
