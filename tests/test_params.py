@@ -140,7 +140,7 @@ def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_
     said = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode != 0 and all(l.startswith("params: ") for l in said), said
     keys = [l.split("params: ")[1].split("=")[0] for l in said]
-    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root", "clip.data.root"], said
+    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root", "clip.data.root", "fact_tracing.data.root"], said
     assert "dvc update data.dvc" in said[3]
 
 
