@@ -115,24 +115,32 @@ def unlearning_claims(u: dict, params: dict) -> list[str]:
     return out
 
 
-def clip_claims(c: dict) -> list[str]:
-    """The CLIP bullet: retrieval accuracy, the noise ceiling, every method's LDS and the counterfactual drops."""
-    def one(method, n):
-        return next(r for r in c["records"] if r["method"] == method and r["models_used"] == n)
+def section_lds_claims(c: dict) -> list[str]:
+    """The claims a section stage's bullet (clip, fact_tracing) shares: the seed agreement and noise
+    ceiling, TRAK's LDS at k = 512 and 128, the datamodels' and empirical influence's, and the
+    gradient baselines' at one model and at the most checkpoints."""
     by = {m: sorted((r for r in c["records"] if r["method"] == m), key=lambda r: r["models_used"]) for m in ("datamodels", "empirical_influence")}
     t512, t128 = _trak(c, 512), _trak(c, 128)
-    cf = c["counterfactual"]
+    most = max(r["models_used"] for r in c["records"] if r["method"] == "grad_dot")
     return [
-        f"test retrieval accuracy {c['test_retrieval_accuracy']:.3f}", f"agree at r = {c['seed_agreement']:.3f}",
+        f"agree at r = {c['seed_agreement']:.3f}",
         f"the noise ceiling is {c['single_model_ceiling']:.2f} against one model and {c['mean_ceiling']:.2f} against the mean of the two",
         "LDS " + " / ".join(f"{r['lds']:.2f}" for r in t512.values()) + " at M = " + " / ".join(map(str, t512)) + " for k = 512",
         "(" + " / ".join(f"{r['lds']:.2f}" for r in t128.values()) + " for k = 128)",
         "Datamodels " + " / ".join(f"{r['lds']:.2f}" for r in by["datamodels"]) + " at "
         + " / ".join(str(r["models_used"]) for r in by["datamodels"]) + " models",
         "empirical influence " + " / ".join(f"{r['lds']:.2f}" for r in by["empirical_influence"]),
-        f"grad-dot {one('grad_dot', 1)['lds']:.2f} ({one('grad_dot', 20)['lds']:.2f} over 20 models)",
-        f"grad-cosine {one('grad_cosine', 20)['lds']:.2f} over 20", f"TracIn {one('tracin', 1)['lds']:.2f}",
-        f"embedding similarity {one('embedding_similarity', 1)['lds']:.2f} ({one('embedding_similarity', 20)['lds']:.2f} over 20 models)",
+        f"grad-dot {_one(c, 'grad_dot')['lds']:.2f} ({_one(c, 'grad_dot', most)['lds']:.2f} over {most} models)",
+        f"grad-cosine {_one(c, 'grad_cosine', most)['lds']:.2f} over {most}", f"TracIn {_one(c, 'tracin')['lds']:.2f}",
+        f"embedding similarity {_one(c, 'embedding_similarity')['lds']:.2f} ({_one(c, 'embedding_similarity', most)['lds']:.2f} over {most} models)",
+    ]
+
+
+def clip_claims(c: dict) -> list[str]:
+    """The CLIP bullet: retrieval accuracy, the shared LDS claims and the counterfactual drops."""
+    cf = c["counterfactual"]
+    return [
+        f"test retrieval accuracy {c['test_retrieval_accuracy']:.3f}", *section_lds_claims(c),
         "at k = " + " / ".join(str(x["k"]) for x in cf["trak"]) + " is " + " / ".join(f"{x['mean']:.3f}" for x in cf["trak"]) + " for TRAK's top-k",
         " / ".join(f"{x['mean']:.3f}" for x in cf["embedding_similarity"]) + " for embedding similarity's",
         " / ".join(f"{x['mean']:.3f}" for x in cf["random"]) + " at random",
@@ -141,10 +149,7 @@ def clip_claims(c: dict) -> list[str]:
 
 
 def fact_tracing_claims(f: dict) -> list[str]:
-    """The fact-tracing bullet: recall, the noise ceiling, every method's LDS, retrieval and the counterfactual drops."""
-    by = {m: sorted((r for r in f["records"] if r["method"] == m), key=lambda r: r["models_used"]) for m in ("datamodels", "empirical_influence")}
-    t512, t128 = _trak(f, 512), _trak(f, 128)
-    most = max(r["models_used"] for r in f["records"] if r["method"] == "grad_dot")
+    """The fact-tracing bullet: recall, the shared LDS claims, BM25's, retrieval and the counterfactual drops."""
     cf, ret = f["counterfactual"], f["retrieval"]
     ks = " / ".join(str(x["k"]) for x in cf["recall"]["trak"])
 
@@ -153,17 +158,7 @@ def fact_tracing_claims(f: dict) -> list[str]:
 
     return [
         f"query recall {f['test_recall']:.3f}", f"{f['full_data_recall']:.2f} for models trained on every sentence",
-        f"agree at r = {f['seed_agreement']:.3f}",
-        f"the noise ceiling is {f['single_model_ceiling']:.2f} against one model and {f['mean_ceiling']:.2f} against the mean of the two",
-        "LDS " + " / ".join(f"{r['lds']:.2f}" for r in t512.values()) + " at M = " + " / ".join(map(str, t512)) + " for k = 512",
-        "(" + " / ".join(f"{r['lds']:.2f}" for r in t128.values()) + " for k = 128)",
-        "Datamodels " + " / ".join(f"{r['lds']:.2f}" for r in by["datamodels"]) + " at "
-        + " / ".join(str(r["models_used"]) for r in by["datamodels"]) + " models",
-        "empirical influence " + " / ".join(f"{r['lds']:.2f}" for r in by["empirical_influence"]),
-        f"grad-dot {_one(f, 'grad_dot')['lds']:.2f} ({_one(f, 'grad_dot', most)['lds']:.2f} over {most} models)",
-        f"grad-cosine {_one(f, 'grad_cosine', most)['lds']:.2f} over {most}", f"TracIn {_one(f, 'tracin')['lds']:.2f}",
-        f"embedding similarity {_one(f, 'embedding_similarity')['lds']:.2f} ({_one(f, 'embedding_similarity', most)['lds']:.2f} over {most} models)",
-        f"BM25 {_one(f, 'bm25', 0)['lds']:.2f}",
+        *section_lds_claims(f), f"BM25 {_one(f, 'bm25', 0)['lds']:.2f}",
         *(f"{name} {ret[m]['mrr']:.2f} / {ret[m]['recall_at_10']:.2f}" for m, name in (("trak", "TRAK"), ("bm25", "BM25"),
           ("grad_cosine", "grad-cosine"), ("grad_dot", "grad-dot"), ("empirical_influence", "empirical influence"),
           ("embedding_similarity", "embedding similarity"), ("tracin", "TracIn"))),
