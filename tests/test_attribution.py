@@ -11,6 +11,7 @@ from datalens.attribution.baselines import (
     params_within, penultimate_features, representation_similarity, tracin,
 )
 from datalens.core.models import build_model
+from datalens.core.transformer import transformer
 from datalens.tasks.classification import ClassificationTask, margins_from_logits
 
 TASK = ClassificationTask()
@@ -157,6 +158,18 @@ def test_ekfac_with_large_damping_is_grad_dot_over_the_damping():
     again = ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e-3])[1e-3]
     np.testing.assert_array_equal(again, scores[1e-3])
     assert not np.array_equal(ekfac_influence(TASK, model, x[:30], y[:30], x[30:], y[30:], [1e-3], seed=1)[1e-3], again)
+
+
+def test_ekfac_takes_token_ids_and_factors_the_linear_layers_of_a_transformer():
+    # token ids stay integers for the embedding; kronfluence factors the linear layers, so at a large
+    # damping the scores are grad-dot over exactly those layers' parameters, over the damping
+    torch.manual_seed(0)
+    model = transformer((6,), 2, vocab_size=9, dim=8, layers=1, heads=2, causal=False, pool="mean")
+    x, y = torch.randint(1, 9, (24, 6)), torch.randint(0, 2, (24,))
+    x[:, 4:] = 0  # padding at the end
+    linear = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.Linear) for p in ("weight", "bias")]
+    scores = ekfac_influence(TASK, model, x[:18], y[:18], x[18:], y[18:], [1e6])[1e6]
+    np.testing.assert_allclose(scores * 1e6, grad_dot(TASK, model, x[:18], y[:18], x[18:], y[18:], linear), rtol=1e-4, atol=1e-7)
 
 
 def test_gradient_baselines_keep_every_parameter_while_they_fit_and_else_the_trailing_tensors_that_do():

@@ -17,7 +17,7 @@ from scipy import stats
 from browser import open_offline
 from rank_bm25 import BM25Okapi
 
-from datalens.core.facts import fact_corpus
+from datalens.core.facts import fact_corpus, pair_corpus
 from datalens.reporting import plots, reports
 from datalens.reporting.report_page import render_html
 from datalens.training import runs
@@ -60,6 +60,15 @@ TINY["10_fact_tracing"] = {
     "fact_tracing.datamodels.model_counts": [30], "fact_tracing.datamodels.val_fraction": 0.2, "fact_tracing.datamodels.num_lambdas": 6,
     "fact_tracing.datamodels.max_iter": 20, "fact_tracing.counterfactuals.num_targets": 2, "fact_tracing.counterfactuals.ks": [3, 10],
     "fact_tracing.counterfactuals.num_retrains": 1}
+TINY["11_text_classification"] = {
+    "device": "cpu", "text_classification.model.dim": 16, "text_classification.train.num_models": 60,
+    "text_classification.train.block_size": 30, "text_classification.train.num_checkpoints": 3, "text_classification.train.epochs": 6,
+    "text_classification.train.stack_size": 30, "text_classification.evaluation.num_masks": 8, "text_classification.evaluation.repeats": 2,
+    "text_classification.trak.num_models": [1, 3], "text_classification.trak.proj_dims": [16, 32], "text_classification.trak.ridge_grid": [0.1, 1.0],
+    "text_classification.attribution.ensemble_sizes": [1, 3], "text_classification.attribution.tracin_epochs": [3, 6],
+    "text_classification.attribution.selection_models": 10, "text_classification.attribution.ekfac_dampings": [0.01, 1.0],
+    "text_classification.datamodels.model_counts": [30], "text_classification.datamodels.val_fraction": 0.2,
+    "text_classification.datamodels.num_lambdas": 6, "text_classification.datamodels.max_iter": 20}
 TINY["07_unlearning"] = {
     **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1, "unlearning.max_budget_extensions": 1,
     "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
@@ -89,7 +98,8 @@ def _run(root, tmp_path, name, overrides, extra=None):
               "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff",
               "unlearning.store_dir": f"file://{tmp_path}/unlearning", "clip.train.store": f"file://{tmp_path}/clip_train.zarr",
               "clip.evaluation.store": f"file://{tmp_path}/clip_eval.zarr", "clip.trak.store": f"file://{tmp_path}/clip_trak.zarr",
-              **{f"fact_tracing.{k}.store": f"file://{tmp_path}/fact_tracing_{k}.zarr" for k in ("train", "evaluation", "trak")}}
+              **{f"{section}.{k}.store": f"file://{tmp_path}/{section}_{k}.zarr" for section in ("fact_tracing", "text_classification")
+                 for k in ("train", "evaluation", "trak")}}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
     for section in ("modeldiff", "unlearning"):  # a store folder that holds several stores
         if section in declared:
@@ -266,6 +276,23 @@ def test_fact_tracing_stage_runs_end_to_end_and_its_numbers_recompute(root, tmp_
     assert m["retrieval"]["bm25"]["mrr"] == pytest.approx(np.mean(reciprocal))
     # the counterfactual's targets are queries the full-data models recall
     assert m["counterfactual_full_data"]["recall"] >= 0.5 and len(m["counterfactual_targets"]) == 2
+
+
+def test_text_classification_stage_runs_end_to_end_and_its_numbers_recompute(root, tmp_path):
+    m = _run(root, tmp_path, "11_text_classification", TINY["11_text_classification"])
+    assert {r["method"] for r in m["records"]} == {"trak", "datamodels", "empirical_influence", "grad_dot", "grad_cosine", "ekfac_influence",
+                                                  "embedding_similarity", "tracin"}
+    assert {r["damping"] for r in m["records"] if r["method"] == "ekfac_influence"} <= {0.01, 1.0}
+    # the ceiling from the eval store by scipy; the chance rate and majority from the pairs themselves
+    ev = zarr.open_group(str(tmp_path / "text_classification_evaluation.zarr"), mode="r")
+    margins = np.asarray(ev["test_outputs"]).astype(np.float64).reshape(8, 2, -1)
+    agreement = np.mean([np.nan_to_num(stats.pearsonr(margins[:, 0, j], margins[:, 1, j])[0]) for j in range(margins.shape[2])])
+    assert m["seed_agreement"] == pytest.approx(agreement, rel=1e-9)
+    pairs = pair_corpus()
+    train, test = pairs.facts[pairs.train], pairs.facts[~pairs.train]
+    chance = np.mean([np.mean(train == f) for f in test])
+    assert all(v["chance"] == pytest.approx(chance) for v in m["same_subject_top5"].values())
+    assert m["majority_rate"] == pytest.approx(max(np.mean(pairs.labels[~pairs.train]), 1 - np.mean(pairs.labels[~pairs.train])))
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

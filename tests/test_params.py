@@ -51,7 +51,8 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     check_params_file(tmp_path / "params.yaml")
     for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
         p = stage_params(stage, tmp_path / "params.yaml", environment=False)  # it names a GPU this machine lacks
-        expected = {"clip": "datalens.core.coco:coco_captions", "fact_tracing": "datalens.core.ftrace:ftrace"}
+        expected = {"clip": "datalens.core.coco:coco_captions", "fact_tracing": "datalens.core.ftrace:ftrace",
+                    "text_classification": "datalens.core.qnli:qnli"}
         assert (p[stage] if stage in expected else p)["data"]["dataset"] == expected.get(stage, "cifar10")
     assert stage_params("train_subsets", tmp_path / "params.yaml", environment=False)["model"]["name"] == "resnet9"
 
@@ -140,7 +141,8 @@ def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_
     said = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode != 0 and all(l.startswith("params: ") for l in said), said
     keys = [l.split("params: ")[1].split("=")[0] for l in said]
-    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root", "clip.data.root", "fact_tracing.data.root"], said
+    assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root", "clip.data.root", "fact_tracing.data.root",
+                    "text_classification.data.root"], said
     assert "dvc update data.dvc" in said[3]
 
 

@@ -169,15 +169,29 @@ def fact_tracing_claims(f: dict) -> list[str]:
     ]
 
 
+def text_classification_claims(t: dict) -> list[str]:
+    """The text-classification bullet: accuracy and the majority rate, the shared LDS claims, EK-FAC's
+    and the same-subject rates of the top 5."""
+    most = max(r["models_used"] for r in t["records"] if r["method"] == "ekfac_influence")
+    same = t["same_subject_top5"]
+    return [
+        f"test accuracy {t['test_accuracy']:.3f}", f"majority class {t['majority_rate']:.3f}", *section_lds_claims(t),
+        f"EK-FAC influence {_one(t, 'ekfac_influence')['lds']:.2f} ({_one(t, 'ekfac_influence', most)['lds']:.2f} over {most} models)",
+        *(f"{name} {same[m]['top_k']:.3f}" for m, name in (("trak", "TRAK"), ("ekfac_influence", "EK-FAC"),
+                                                         ("embedding_similarity", "embedding similarity"))),
+        f"{next(iter(same.values()))['chance']:.3f} of all training pairs",
+    ]
+
+
 def test_readme_results_agree_with_the_metrics_files(root):
     m = _metrics(root)
     missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff",
-               "unlearning", "clip", "fact_tracing"} - set(m)
+               "unlearning", "clip", "fact_tracing", "text_classification"} - set(m)
     if missing:
         pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/results.json")
     text = (root / "README.md").read_text()
     section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
     flat = re.sub(r"\s+", " ", section)
     stale = [c for c in claims(m) + unlearning_claims(m["unlearning"], yaml.safe_load((root / "params.yaml").read_text())) + clip_claims(m["clip"])
-             + fact_tracing_claims(m["fact_tracing"]) if re.sub(r"\s+", " ", c) not in flat]
+             + fact_tracing_claims(m["fact_tracing"]) + text_classification_claims(m["text_classification"]) if re.sub(r"\s+", " ", c) not in flat]
     assert not stale, "README results disagree with reports/*/results.json; expected to find:\n" + "\n".join(stale)

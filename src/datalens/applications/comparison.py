@@ -219,12 +219,13 @@ def run_embedding_similarity(cmp: Comparison, run: SubsetRun, models: list, load
 
 
 def run_section_methods(cmp: Comparison, run: SubsetRun, store: SubsetStore, cp: dict, executor=None) -> None:
-    """Every method of a section run (``clip``, ``fact_tracing``) into ``cmp``, under stage 05's
-    accounting: TRAK at every (M, k) of ``cp["trak"]`` (features of the run's checkpoints,
-    resumable), datamodels at ``cp["datamodels"]["model_counts"]`` and on every model (when the
-    section has ``datamodels``), empirical influence at those counts, gradient dot product and
-    cosine and the model's embedding similarity averaged over ``ensemble_sizes`` checkpoints, and
-    TracIn over ``tracin_epochs``."""
+    """Every method of a section run (``clip``, ``fact_tracing``, ``text_classification``) into
+    ``cmp``, under stage 05's accounting: TRAK at every (M, k) of ``cp["trak"]`` (features of the
+    run's checkpoints, resumable), datamodels at ``cp["datamodels"]["model_counts"]`` and on every
+    model (when the section has ``datamodels``), empirical influence at those counts, gradient dot
+    product and cosine, EK-FAC influence (when the section gives ``attribution.ekfac_dampings``)
+    and the model's embedding similarity averaged over ``ensemble_sizes`` checkpoints, and TracIn
+    over ``tracin_epochs``."""
     tp, ap, d = cp["trak"], cp["attribution"], cp.get("datamodels")
     device = resolve_device(run.device)
     job = FeatureJob(run, resolve_location(cp, tp["store"]), tuple(tp["proj_dims"]), tp["proj_type"], run.seed,
@@ -239,6 +240,8 @@ def run_section_methods(cmp: Comparison, run: SubsetRun, store: SubsetStore, cp:
     run_empirical_influence(cmp, store, counts)
     models, load = load_checkpoints(run, store, max(ap["ensemble_sizes"]))
     run_gradient_similarity(cmp, run, models, load, ap["ensemble_sizes"])
+    if ap.get("ekfac_dampings"):  # where kronfluence applies (a predictive distribution and linear layers to factor)
+        run_ekfac(cmp, run, models, load, ap["ensemble_sizes"], ap["ekfac_dampings"])
     run_embedding_similarity(cmp, run, models, load, ap["ensemble_sizes"])
     run_tracin(cmp, run, store.read("masks", np.arange(1))[0], ap["tracin_epochs"])
 
@@ -252,19 +255,9 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     Dampings are chosen on validation models. Checkpoint loading is timed."""
     x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
     task = run.make_task()
-    n_max = max(ensemble_sizes)
-    models, load = load_checkpoints(run, store, n_max)
+    models, load = load_checkpoints(run, store, max(ensemble_sizes))
     names, params = run_gradient_similarity(cmp, run, models, load, ensemble_sizes)
-    sums, own = {d: 0.0 for d in ekfac_dampings}, 0.0
-    for m in range(n_max):
-        t0 = time.perf_counter()
-        for d, s in baselines.ekfac_influence(task, models[m], x_tr, y_tr, x_te, y_te, ekfac_dampings, seed=run.seed + m).items():
-            sums[d] = sums[d] + s
-        own += load[m] + time.perf_counter() - t0
-        if m + 1 in ensemble_sizes:
-            t0 = time.perf_counter()
-            best, _ = cmp.select({d: s / (m + 1) for d, s in sums.items()})
-            cmp.add("ekfac_influence", m + 1, own + time.perf_counter() - t0, sums[best] / (m + 1), True, damping=best)
+    run_ekfac(cmp, run, models, load, ensemble_sizes, ekfac_dampings)
     t0 = time.perf_counter()
     cmp.add("representation_similarity", 1, load[0] + time.perf_counter() - t0,
             baselines.representation_similarity(models[0], x_tr, x_te), False)
@@ -281,6 +274,25 @@ def run_gradient_baselines(cmp: Comparison, run: SubsetRun, store: SubsetStore, 
     if candidates:
         best, _ = cmp.select(candidates)
         cmp.add("influence_cg", 1, load[0] + time.perf_counter() - t0, candidates[best], True, damping=best, params=params)
+
+
+def run_ekfac(cmp: Comparison, run: SubsetRun, models: list, load: list[float], ensemble_sizes: list[int],
+              dampings: list[float]) -> None:
+    """EK-FAC influence (kronfluence) averaged over the first M of ``models`` for each M in
+    ``ensemble_sizes``, the damping chosen on validation models at each M; each checkpoint's
+    Fisher labels seeded from the run's seed and its index."""
+    x_tr, y_tr, x_te, y_te = _test_tensors(cmp, run)
+    task = run.make_task()
+    sums, own = {d: 0.0 for d in dampings}, 0.0
+    for m in range(max(ensemble_sizes)):
+        t0 = time.perf_counter()
+        for d, s in baselines.ekfac_influence(task, models[m], x_tr, y_tr, x_te, y_te, dampings, seed=run.seed + m).items():
+            sums[d] = sums[d] + s
+        own += load[m] + time.perf_counter() - t0
+        if m + 1 in ensemble_sizes:
+            t0 = time.perf_counter()
+            best, _ = cmp.select({d: s / (m + 1) for d, s in sums.items()})
+            cmp.add("ekfac_influence", m + 1, own + time.perf_counter() - t0, sums[best] / (m + 1), True, damping=best)
 
 
 def run_tracin(cmp: Comparison, run: SubsetRun, mask: np.ndarray, snapshot_epochs: list[int]) -> None:

@@ -307,8 +307,9 @@ def ekfac_influence(task: Task, model: nn.Module, x_train, y_train, x_targets, y
 
     kf_task = OutputTask()
     tracked = prepare_model(copy.deepcopy(model).float().eval(), kf_task)
-    train = TensorDataset(x_train.float().cpu(), y_train.cpu())
-    query = TensorDataset(x_targets.float().cpu(), y_targets.cpu())
+    inputs = lambda x: (x.float() if x.is_floating_point() else x).cpu()  # noqa: E731  (token ids stay integers)
+    train = TensorDataset(inputs(x_train), y_train.cpu())
+    query = TensorDataset(inputs(x_targets), y_targets.cpu())
     out = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # kronfluence's torch.cuda.amp calls, on every run

@@ -322,6 +322,7 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
 SECTIONS: dict[str, tuple[str, ...]] = {
     "clip": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
     "fact_tracing": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
+    "text_classification": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels"),
 }
 
 

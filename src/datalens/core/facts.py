@@ -15,6 +15,14 @@ to a fact is one token. The training sentences are
 Each fact's *query* is :data:`QUERY` (``s is located in``), a wording no training sentence uses;
 its answer is c. Sentences are shuffled with the seed. Tokens: :class:`datalens.core.captions.Vocabulary`.
 
+*Question pairs* (the QNLI-like task of the text-classification stage, :func:`question_pairs`):
+each of :data:`QUESTIONS` about a subject s ("which country is s in ?", "what kind of region is s ?")
+beside each training sentence about s, labelled 1 when the sentence names what the question asks
+(the country, or the subdivision type), else 0. Only sentences about the question's subject are
+paired: a small encoder trained from scratch on a few hundred pairs does not learn to match names
+across the pair (test accuracy 0.67 with another subject's sentences among the negatives, 0.98
+without; issue 20's note), so the label is what the sentence says, not whom it names.
+
 :func:`fact_tracing` is the dataset of the fact-tracing stage (``data.dataset:
 datalens.core.facts:fact_tracing``): the training sentences and the queries as token sequences
 for :class:`datalens.tasks.language.LanguageModelTask`.
@@ -34,6 +42,8 @@ from datalens.core.data import Dataset
 STATEMENTS = ("{s} is a {kind} of {c} .", "{s} lies in {c} .", "the {kind} {s} belongs to {c} .")
 DISTRACTORS = ("{s} is a {kind} .", "{c} has the code {code} .")
 QUERY = "{s} is located in"
+QUESTIONS = ("which country is {s} in ?", "what kind of region is {s} ?")
+SEPARATOR = "|"
 
 
 def token(name: str) -> str:
@@ -90,6 +100,69 @@ def fact_corpus(num_countries: int = 12, per_country: int = 10, seed: int = 0) -
     stated = [rows[i][1] for i in order]
     proponents = tuple(tuple(j for j, f in enumerate(stated) if f == fact) for fact in range(len(subjects)))
     return FactCorpus(sentences, tuple(subjects), tuple(answers), proponents, tuple(QUERY.format(s=s) for s in subjects), seed)
+
+
+@dataclass(frozen=True)
+class QuestionPairs:
+    """``texts`` (P,) "question | sentence", ``labels`` (P,) 1 when the sentence answers the question,
+    ``facts`` (P,) the fact of the question's subject; ``train`` (P,) bool, the rest are test pairs."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    facts: np.ndarray
+    train: np.ndarray
+
+
+def pair_corpus(num_facts: int = 60, test_fraction: float = 0.25, seed: int = 0) -> QuestionPairs:
+    """The question pairs of the module docstring for ``num_facts`` facts of :func:`fact_corpus` at its
+    defaults (drawn with the seed), shuffled, ``test_fraction`` of them held out (seeded)."""
+    corpus = fact_corpus(seed=seed)
+    rng = np.random.default_rng([seed, 43])
+    about: dict[str, list[str]] = {}
+    for sentence in corpus.sentences:  # a fact's subject is one token, and it is the sentence's first or third word
+        for word in sentence.split()[:3]:
+            about.setdefault(word, []).append(sentence)
+    rows = []
+    for fact in sorted(rng.choice(len(corpus.subjects), num_facts, replace=False)):
+        s, c = corpus.subjects[fact], corpus.answers[fact]
+        sentences = sorted(about[s])
+        kind = next(t.split()[3] for t in sentences if t.split()[1:3] == ["is", "a"])  # "s is a kind ..."
+        for question, asked in zip(QUESTIONS, (c, kind)):
+            rows += [(f"{question.format(s=s)} {SEPARATOR} {t}", int(asked in t.split()), fact) for t in sentences]
+    order = rng.permutation(len(rows))
+    train = np.ones(len(rows), bool)
+    train[rng.choice(len(rows), round(test_fraction * len(rows)), replace=False)] = False
+    return QuestionPairs(tuple(rows[i][0] for i in order), np.array([rows[i][1] for i in order]),
+                         np.array([rows[i][2] for i in order]), train)
+
+
+def question_pairs(root: str = "data") -> Dataset:
+    """``data.dataset: datalens.core.facts:question_pairs``: :func:`pair_corpus` at its defaults as a
+    classification dataset of token sequences; classes ``not_answered``, ``answered``. ``root`` is
+    unused (the data ships in ``pycountry``)."""
+    pairs = pair_corpus()
+    vocab = Vocabulary.of(list(pairs.texts))
+    x, y = vocab.encode(list(pairs.texts)), pairs.labels
+    strip = lambda n: np.zeros((n, 1, 1), np.float32)  # noqa: E731  (text has no image for figures)
+    train = pairs.train
+    return Dataset("question_pairs", x[train], y[train], x[~train], y[~train], 2, ("not_answered", "answered"),
+                   strip(int(train.sum())), strip(int((~train).sum())))
+
+
+def question_pair_texts(root: str = "data") -> tuple[list[str], list[str]]:
+    """The training and test pairs of :func:`question_pairs` as text, in the dataset's order."""
+    pairs = pair_corpus()
+    return [t for t, k in zip(pairs.texts, pairs.train) if k], [t for t, k in zip(pairs.texts, pairs.train) if not k]
+
+
+def question_pair_facts(root: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """The fact each training pair (n,) and each test pair (t,) of :func:`question_pairs` asks about."""
+    pairs = pair_corpus()
+    return pairs.facts[pairs.train], pairs.facts[~pairs.train]
+
+
+question_pairs.texts = question_pair_texts  # what the figures and the stage read, found through the dataset's import path
+question_pairs.facts = question_pair_facts
 
 
 def next_token_targets(tokens: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ class Transformer(nn.Module):
         super().__init__()
         if pool not in ("none", "mean"):
             raise ValueError(f"model.pool={pool!r} is unknown; allowed values: none, mean")
-        self.causal, self.pool = causal, pool
+        self.causal, self.pool, self.vocab_size = causal, pool, vocab_size
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Parameter(0.02 * torch.randn(length, dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))

@@ -294,16 +294,18 @@ def grouped_bars(values: dict[str, dict[str, float]], path: Path, ylabel: str, t
     return _save(fig, path, caption, top=0.9)
 
 
-def ranked_texts(query: str, columns: dict[str, list[tuple[str, float, bool]]], path: Path, caption: str = "") -> Path:
+def ranked_texts(query: str, columns: dict[str, list[tuple[str, float, bool]]], path: Path, caption: str = "",
+                 mark: str = "true") -> Path:
     """A query and, one panel per method, its top-ranked training texts in order (text, score,
-    whether it is ground truth); ground-truth texts are marked and drawn in green."""
+    whether it is marked: ground truth, or what ``mark`` names); marked texts carry ``[mark]`` and
+    are drawn in green."""
     rows_per = max(len(v) for v in columns.values())
     fig, axes = plt.subplots(len(columns), 1, figsize=(8.0, len(columns) * (0.28 * rows_per + 0.5)), squeeze=False)
     for ax, (method, rows) in zip(axes[:, 0], columns.items()):
         ax.axis("off")
         ax.set_title(method, fontsize=10, loc="left")
         for r, (text, score, truth) in enumerate(rows):
-            ax.text(0.0, 1.0 - (r + 0.5) / len(rows), f"{r + 1}. {'[true] ' if truth else ''}{text}  ({score:+.3g})", fontsize=8.5,
+            ax.text(0.0, 1.0 - (r + 0.5) / len(rows), f"{r + 1}. {f'[{mark}] ' if truth else ''}{text}  ({score:+.3g})", fontsize=8.5,
                     color="tab:green" if truth else "0.2", fontweight="bold" if truth else "normal", va="center",
                     transform=ax.transAxes)
     fig.suptitle(f"query: {query}", fontsize=10)

@@ -23,11 +23,12 @@ from datalens.reporting.reports import best_record, mean_p95
 NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
              "counterfactuals": "04_counterfactuals", "attribution_comparison": "05_attribution_comparison",
              "modeldiff": "06_modeldiff", "unlearning": "07_unlearning", "clip": "09_clip",
-             "fact_tracing": "10_fact_tracing"}
+             "fact_tracing": "10_fact_tracing", "text_classification": "11_text_classification"}
 SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals")),
             ("TRAK and the method comparison", ("attribution_comparison",)),
             ("TRAK for contrastive image-text models (CLIP)", ("clip",)),
             ("TRAK for language models: fact tracing", ("fact_tracing",)),
+            ("TRAK for language models: text classification", ("text_classification",)),
             ("ModelDiff", ("modeldiff",)),
             ("Unlearning", ("unlearning",))]
 NOTEBOOK_ONLY = "notebook-only"  # a cell tag: left out of the rendered page
@@ -48,7 +49,7 @@ def _clip_drops(m: dict) -> str:
 
 
 def _named(method: str) -> str:
-    return {"trak": "TRAK", "bm25": "BM25", "tracin": "TracIn"}.get(method, method.replace("_", " "))
+    return {"trak": "TRAK", "bm25": "BM25", "tracin": "TracIn", "ekfac_influence": "EK-FAC influence"}.get(method, method.replace("_", " "))
 
 
 def _section_lds(m: dict, rivals: dict[str, str]) -> str:
@@ -149,6 +150,16 @@ FIGURES = [
      "TRAK paper, fact-tracing counterfactual", lambda m: "", []),
     ("fact_tracing", "top_sentences.png", "A query with its top training sentences by TRAK, BM25 and embedding similarity; the "
      "sentences that state its fact are marked.", "TRAK paper, fact-tracing qualitative examples", lambda m: "", []),
+    ("text_classification", "lds_vs_compute.png", "LDS of every method against charged compute, for small transformer encoders "
+     "trained from scratch on question-sentence pairs from the fact corpus (does the sentence answer the question?); the output "
+     "is each test pair's classification margin.", "TRAK paper, BERT fine-tuned on QNLI (LDS of TRAK against the baselines)",
+     lambda m: _section_lds(m, {"ekfac_influence": "EK-FAC influence", "tracin": "TracIn", "grad_dot": "gradient dot product",
+                                "embedding_similarity": "embedding similarity"}), ["trak_qnli_lds"]),
+    ("text_classification", "top_pairs.png", "A test pair with its top training pairs by TRAK, EK-FAC influence and embedding "
+     "similarity; the pairs about the same subject are marked.", "TRAK paper, qualitative examples",
+     lambda m: "share of the top 5 about the test pair's subject: " + ", ".join(
+         f"{_named(k)} {v['top_k']:.2f}" for k, v in m.get("same_subject_top5", {}).items())
+     + (f" (all training pairs: {next(iter(m['same_subject_top5'].values()))['chance']:.3f})" if m.get("same_subject_top5") else ""), []),
     ("modeldiff", "accuracy.png", "Mean test accuracy of every algorithm ModelDiff compares.", "ModelDiff paper, case-study setup",
      lambda m: ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()), []),
     ("modeldiff", "planted_variance.png", "Explained variance of each distinguishing direction under A and under B (planted patch).",
@@ -296,6 +307,12 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
                   "params": f"k = {best['proj_dim']}, M = {best['models_used']}; a causal transformer on the fact corpus"},
                  {"metric": "fact tracing: MRR (TRAK / BM25)", "value": f"{f['retrieval']['trak']['mrr']:.3f} / {f['retrieval']['bm25']['mrr']:.3f}",
                   "params": "against the sentences that state each fact"}]
+    if "text_classification" in m:
+        t = m["text_classification"]
+        best = best_record(t, "trak")
+        rows += [{"metric": "text classification: TRAK LDS, best (noise ceiling)",
+                  "value": f"{best['lds']:.3f} ({t.get('mean_ceiling', float('nan')):.3f})",
+                  "params": f"k = {best['proj_dim']}, M = {best['models_used']}; a transformer encoder on question-sentence pairs"}]
     if "modeldiff" in m:
         d = m["modeldiff"]
         r = d["planted"]
@@ -329,6 +346,8 @@ def headline_values(reports_dir) -> dict[str, float]:
     if "fact_tracing" in m:
         out.update(fact_tracing_trak_lds_best=best_record(m["fact_tracing"], "trak")["lds"],
                    fact_tracing_mrr_trak=m["fact_tracing"]["retrieval"]["trak"]["mrr"], fact_tracing_mrr_bm25=m["fact_tracing"]["retrieval"]["bm25"]["mrr"])
+    if "text_classification" in m:
+        out["text_classification_trak_lds_best"] = best_record(m["text_classification"], "trak")["lds"]
     if "modeldiff" in m:
         d = m["modeldiff"]
         out["modeldiff_planted_auroc"] = d["planted"]["auroc"]

@@ -109,10 +109,15 @@ def _fact_tracing(r: dict) -> dict:
     return {**_attribution(r), **{f"{metric}_{m}": v for m, row in r["retrieval"].items() for metric, v in row.items()}, **drops}
 
 
+def _text_classification(r: dict) -> dict:
+    same = {f"same_subject_top5_{m}": v["top_k"] for m, v in r.get("same_subject_top5", {}).items()}
+    return {**_attribution(r), **same}
+
+
 HEADLINES = {"train_subsets": _scalars, "eval_models": _scalars, "fit_datamodels": _scalars, "counterfactuals": _counterfactuals,
              "attribution_comparison": _attribution, "modeldiff_train": _modeldiff_train, "modeldiff": _modeldiff,
              "unlearning": _unlearning, "clip": _clip,
-             "fact_tracing": _fact_tracing}
+             "fact_tracing": _fact_tracing, "text_classification": _text_classification}
 
 
 def headline(stage: str, results: dict) -> dict[str, float | int | bool]:

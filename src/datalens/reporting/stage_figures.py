@@ -163,6 +163,24 @@ def fact_tracing_figures(cmp, summary: dict, top_scores: dict[str, np.ndarray], 
     plots.ranked_texts(query_texts[shown], columns, fig / "top_sentences.png")
 
 
+# -- text_classification ----------------------------------------------------------------------
+
+def text_classification_figures(cmp, top_scores: dict[str, np.ndarray], shown: int, texts: tuple[list[str], list[str]] | None,
+                                facts: tuple[np.ndarray, np.ndarray] | None, fig: Path, k: int = 6) -> None:
+    """LDS against charged compute and, where the dataset gives its pairs' ``texts`` (training,
+    scored test pairs), the ``shown`` test pair's top-k training pairs by each method of
+    ``top_scores`` {method: (n, t)}, those about the same subject (``facts``) marked."""
+    plots.lds_vs_compute(cmp.records, fig / "lds_vs_compute.png", trak_proj_dim=max(r.get("proj_dim") or 0 for r in cmp.records),
+                         caption=cmp.caption())
+    if texts is None:
+        return
+    train, test = texts
+    same = (lambda i: bool(facts[0][i] == facts[1][shown])) if facts is not None else (lambda i: False)  # noqa: E731
+    columns = {method: [(train[i], float(s[i, shown]), same(i)) for i in np.argsort(-s[:, shown], kind="stable")[:k]]
+               for method, s in top_scores.items()}
+    plots.ranked_texts(test[shown], columns, fig / "top_pairs.png", mark="same subject")
+
+
 # -- unlearning -------------------------------------------------------------------------------
 
 def unlearning_figures(summary: dict, pooled: dict, histogram: tuple, hist_set: str, u: dict, num_models: int,

@@ -64,6 +64,14 @@ class ClassificationTask(Task):
     def metric(self, outputs, targets):
         return (outputs.argmax(-1) == targets).float().mean(-1)
 
+    def embeddings(self, model, inputs, targets):
+        """A sequence classifier's own representation (B, 1, dim), its ``embedding(inputs)`` (the
+        pooled final states of :class:`datalens.core.transformer.Transformer`); image classifiers
+        have none here (representation similarity reads their penultimate features)."""
+        if not hasattr(model, "embedding"):
+            return super().embeddings(model, inputs, targets)
+        return model.embedding(inputs).unsqueeze(-2)
+
     def sample_targets(self, outputs):
         return torch.multinomial(torch.softmax(outputs.detach().float(), -1), 1).flatten()
 

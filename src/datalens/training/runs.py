@@ -240,10 +240,23 @@ def section_runs(p: dict, section: str, task: str) -> tuple[SubsetRun, SubsetRun
     return SubsetRun.from_params(cp, task=task), eval_run(cp, task=task)
 
 
+def check_vocabulary(run: SubsetRun) -> None:
+    """A model that embeds tokens (a ``vocab_size`` attribute) must embed every token id of the data:
+    one line naming the param, before any training (an id past the table is an opaque IndexError)."""
+    size = getattr(run.build_model(), "vocab_size", None)
+    ds = run.dataset_()
+    if size is not None and ds.x_train.dtype.kind in "iu":
+        top = int(max(ds.x_train.max(), ds.x_test.max()))
+        if top >= size:
+            raise ValueError(f"{run.model}: model.vocab_size={size}, but the data's token ids reach {top}; "
+                             f"give model.vocab_size >= {top + 1}")
+
+
 def train_subset_models(run: SubsetRun, executor=None, progress: bool = True) -> SubsetStore:
     """Train every model of ``run`` that its store does not hold yet, block by block,
     through ``executor`` (default: in-process). Resumable: rerun after any crash and
     only the missing blocks train."""
+    check_vocabulary(run)
     store = prepare_store(run)
     todo = store.missing_blocks()
     executor = executor or LocalExecutor()
