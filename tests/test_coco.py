@@ -2,15 +2,14 @@
 files, and the CLIP stage of the paper profile (profiles/cifar10.yaml) end to end on them: a
 ResNet-9 image tower, randomly initialised at a tiny width; only sizes are overridden."""
 import json
-import shutil
 
 import numpy as np
-import papermill as pm
 import pytest
 from PIL import Image
 
 from datalens.core.coco import coco_captions, load_coco, missing_coco
 from datalens.core.config import ParamError, check_params_file
+from conftest import paper_profile, run_profile_stage
 
 WORDS = ("a", "red", "blue", "green", "square", "ball", "on", "the", "table", "dog")
 
@@ -64,28 +63,21 @@ def test_missing_coco_is_named_before_any_work(root, tmp_path):
     assert "captions_train2017.json" in missing_coco(tmp_path) and missing_coco(tmp_path).startswith("MS COCO captions not found")
     with pytest.raises(FileNotFoundError, match="MS COCO captions not found"):
         coco_captions(tmp_path)
-    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    paper_profile(root, tmp_path)
     with pytest.raises(ParamError, match=r"clip.data.root='data/coco': MS COCO captions not found"):
         check_params_file(tmp_path / "params.yaml", environment=True)
 
 
 @pytest.mark.slow
 def test_the_clip_paper_profile_runs_end_to_end_on_tiny_coco_data(root, tmp_path):
-    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    paper_profile(root, tmp_path)
     _tiny_coco(tmp_path / "data" / "coco", n_train=48, n_val=20)
-    overrides = {"device": "cpu", "execution.backend": "local", "execution.num_gpus_per_task": 0, "clip.model.width": 4,
-                 "clip.model.dim": 8, "clip.model.text_hidden": 8, "clip.train.num_models": 20, "clip.train.num_checkpoints": 3,
-                 "clip.train.epochs": 2, "clip.train.peak_epoch": 1, "clip.train.batch_size": 16, "clip.evaluation.num_masks": 6,
-                 "clip.trak.num_models": [1, 3], "clip.trak.proj_dims": [16], "clip.attribution.ensemble_sizes": [1, 2],
-                 "clip.attribution.tracin_epochs": [1, 2], "clip.attribution.selection_models": 6, "clip.attribution.num_targets": 10,
-                 "clip.counterfactuals.num_targets": 2, "clip.counterfactuals.ks": [4], "clip.counterfactuals.num_retrains": 1}
+    result = run_profile_stage(root, tmp_path, "09_clip", "clip", {
+        "model.width": 4, "model.dim": 8, "model.text_hidden": 8, "train.num_models": 20, "train.num_checkpoints": 3, "train.epochs": 2,
+        "train.peak_epoch": 1, "train.batch_size": 16, "evaluation.num_masks": 6, "trak.num_models": [1, 3], "trak.proj_dims": [16],
+        "attribution.ensemble_sizes": [1, 2], "attribution.tracin_epochs": [1, 2], "attribution.selection_models": 6,
+        "attribution.num_targets": 10, "counterfactuals.num_targets": 2, "counterfactuals.ks": [4], "counterfactuals.num_retrains": 1})
     out = tmp_path / "clip"
-    pm.execute_notebook(str(root / "notebooks" / "09_clip.ipynb"), str(tmp_path / "09_clip.out.ipynb"),
-                        parameters={"params_file": str(tmp_path / "params.yaml"), "overrides": overrides, "out_dir": str(out)},
-                        cwd=str(root / "notebooks"), progress_bar=False, kernel_name="python3")
-    result = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in result["records"]}
     assert methods == {"trak", "empirical_influence", "grad_dot", "grad_cosine", "embedding_similarity", "tracin"}  # no datamodels
     assert set(result["counterfactual"]) == {"trak", "embedding_similarity", "random"}

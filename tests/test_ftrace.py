@@ -3,18 +3,16 @@ FTRACE-format files, the GPT-2 of transformers built from its config (datalens.c
 against a loop of autograd, and the fact-tracing stage of the paper profile (profiles/cifar10.yaml)
 end to end on those files with a tiny random GPT-2; only sizes are overridden."""
 import json
-import shutil
 
 import numpy as np
-import papermill as pm
 import pytest
 import torch
 
 from datalens.core.config import ParamError, check_params_file
 from datalens.core.ftrace import ftrace, load_ftrace, missing_ftrace, query_tokens
 from datalens.core.hf_models import causal_lm
-from datalens.tasks.gradients import per_example_gradients
 from datalens.tasks.language import LanguageModelTask
+from conftest import assert_gradients_match_autograd, paper_profile, run_profile_stage
 
 CITIES = ("paris", "rome", "oslo", "lima", "kyiv", "baku")
 COUNTRIES = ("france", "italy", "norway", "peru", "ukraine", "azerbaijan")
@@ -78,8 +76,7 @@ def test_missing_ftrace_is_named_before_any_work(root, tmp_path):
     assert missing_ftrace(tmp_path).startswith("FTRACE-TREx not found") and "queries.jsonl" in missing_ftrace(tmp_path)
     with pytest.raises(FileNotFoundError, match="FTRACE-TREx not found"):
         ftrace(tmp_path)
-    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    paper_profile(root, tmp_path)
     (tmp_path / "data" / "coco" / "annotations").mkdir(parents=True)  # leave only FTRACE missing
     with pytest.raises(ParamError, match=r"fact_tracing.data.root='data/ftrace': FTRACE-TREx not found"):
         check_params_file(tmp_path / "params.yaml", environment=True)
@@ -91,30 +88,19 @@ def test_per_example_gradients_of_the_gpt2_equal_a_loop_of_autograd(tmp_path):
     torch.manual_seed(0)
     model, task = causal_lm(ds.input_shape, ds.num_classes, dim=8, layers=2, heads=2).double(), LanguageModelTask()
     x, y = torch.as_tensor(ds.x_train[:5]), torch.as_tensor(ds.y_train[:5])
-    got = per_example_gradients(model, x, y, task, dtype=torch.float64)
-    for i in range(len(x)):
-        f = task.output(model(x[i:i + 1]), y[i:i + 1])[0]
-        want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, list(model.parameters()))])
-        assert torch.allclose(got[i], want, atol=1e-12), i
+    assert_gradients_match_autograd(model, x, y, task)
 
 
 @pytest.mark.slow
 def test_the_fact_tracing_paper_profile_runs_end_to_end_on_tiny_ftrace_data(root, tmp_path):
-    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    paper_profile(root, tmp_path)
     _tiny_ftrace(tmp_path / "data" / "ftrace", repeats=8)
-    overrides = {"device": "cpu", "execution.backend": "local", "execution.num_gpus_per_task": 0, "fact_tracing.model.dim": 8,
-                 "fact_tracing.model.layers": 1, "fact_tracing.model.heads": 2, "fact_tracing.train.num_models": 16,
-                 "fact_tracing.train.num_checkpoints": 3, "fact_tracing.train.block_size": 8, "fact_tracing.train.epochs": 2,
-                 "fact_tracing.train.batch_size": 8, "fact_tracing.train.precision": "float32", "fact_tracing.evaluation.num_masks": 5,
-                 "fact_tracing.trak.num_models": [1, 3], "fact_tracing.trak.proj_dims": [16], "fact_tracing.attribution.ensemble_sizes": [1, 2],
-                 "fact_tracing.attribution.selection_models": 5, "fact_tracing.attribution.num_targets": 4,
-                 "fact_tracing.counterfactuals.num_targets": 1, "fact_tracing.counterfactuals.ks": [4]}
+    result = run_profile_stage(root, tmp_path, "10_fact_tracing", "fact_tracing", {
+        "model.dim": 8, "model.layers": 1, "model.heads": 2, "train.num_models": 16, "train.num_checkpoints": 3, "train.block_size": 8,
+        "train.epochs": 2, "train.batch_size": 8, "train.precision": "float32", "evaluation.num_masks": 5, "trak.num_models": [1, 3],
+        "trak.proj_dims": [16], "attribution.ensemble_sizes": [1, 2], "attribution.selection_models": 5, "attribution.num_targets": 4,
+        "counterfactuals.num_targets": 1, "counterfactuals.ks": [4]})
     out = tmp_path / "fact_tracing"
-    pm.execute_notebook(str(root / "notebooks" / "10_fact_tracing.ipynb"), str(tmp_path / "10_fact_tracing.out.ipynb"),
-                        parameters={"params_file": str(tmp_path / "params.yaml"), "overrides": overrides, "out_dir": str(out)},
-                        cwd=str(root / "notebooks"), progress_bar=False, kernel_name="python3")
-    result = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in result["records"]} == {"trak", "empirical_influence", "grad_dot", "grad_cosine", "embedding_similarity",
                                                        "tracin", "bm25"}  # no datamodels at this profile
     assert set(result["retrieval"]) >= {"trak", "bm25"} and len(list((tmp_path / "stores" / "fact_tracing" / "train_subsets").glob("*.zarr"))) == 1

@@ -3,11 +3,8 @@ GLUE-format files, the BERT of transformers built from its config (datalens.core
 against a loop of autograd and against its own padding, and the text-classification stage of the
 paper profile (profiles/cifar10.yaml) end to end on those files with a tiny random BERT; only
 sizes are overridden."""
-import json
-import shutil
 
 import numpy as np
-import papermill as pm
 import pytest
 import torch
 
@@ -15,7 +12,7 @@ from datalens.core.config import ParamError, check_params_file
 from datalens.core.hf_models import sequence_classifier
 from datalens.core.qnli import load_qnli, missing_qnli, qnli
 from datalens.tasks.classification import ClassificationTask
-from datalens.tasks.gradients import per_example_gradients
+from conftest import assert_gradients_match_autograd, paper_profile, run_profile_stage
 
 CITIES = ("paris", "rome", "oslo", "lima", "kyiv", "baku")
 COUNTRIES = ("france", "italy", "norway", "peru", "ukraine", "azerbaijan")
@@ -62,8 +59,7 @@ def test_missing_qnli_is_named_before_any_work(root, tmp_path):
     assert missing_qnli(tmp_path).startswith("QNLI not found") and "dev.tsv" in missing_qnli(tmp_path)
     with pytest.raises(FileNotFoundError, match="QNLI not found"):
         qnli(tmp_path)
-    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    paper_profile(root, tmp_path)
     # COCO and FTRACE are missing too: each is its own line of the one error
     with pytest.raises(ParamError, match=r"text_classification.data.root='data/qnli': QNLI not found"):
         check_params_file(tmp_path / "params.yaml", environment=True)
@@ -85,11 +81,7 @@ def test_bert_per_example_gradients_equal_a_loop_of_autograd_and_padding_changes
     torch.manual_seed(0)
     model, task = sequence_classifier(ds.input_shape, 2, vocab_size=12, dim=8, layers=2, heads=2).double(), ClassificationTask()
     x, y = torch.as_tensor(ds.x_train[:5]), torch.as_tensor(ds.y_train[:5])
-    got = per_example_gradients(model, x, y, task, dtype=torch.float64)
-    for i in range(len(x)):
-        f = task.output(model(x[i:i + 1]), y[i:i + 1])[0]
-        want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, list(model.parameters()))])
-        assert torch.allclose(got[i], want, atol=1e-12), i
+    assert_gradients_match_autograd(model, x, y, task)
     longer = sequence_classifier((14,), 2, vocab_size=12, dim=8, layers=2, heads=2).double()
     own = model.state_dict()
     longer.load_state_dict({k: torch.cat([own[k], v[10:]]) if "position_embeddings" in k else own[k] for k, v in longer.state_dict().items()})
@@ -99,22 +91,14 @@ def test_bert_per_example_gradients_equal_a_loop_of_autograd_and_padding_changes
 
 @pytest.mark.slow
 def test_the_text_classification_paper_profile_runs_end_to_end_on_tiny_qnli_data(root, tmp_path):
-    shutil.copy(root / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(root / "profiles" / "cifar10.yaml", tmp_path / "params.yaml")
+    paper_profile(root, tmp_path)
     write_tiny_qnli(tmp_path / "data" / "qnli", repeats=6)
-    prefix = "text_classification."
-    overrides = {"device": "cpu", "execution.backend": "local", "execution.num_gpus_per_task": 0,
-                 **{prefix + k: v for k, v in {
-                     "model.dim": 8, "model.layers": 1, "model.heads": 2, "train.num_models": 16,
-                     "train.num_checkpoints": 3, "train.block_size": 8, "train.epochs": 2, "train.batch_size": 8,
-                     "train.precision": "float32", "evaluation.num_masks": 5, "trak.num_models": [1, 3], "trak.proj_dims": [16],
-                     "attribution.ensemble_sizes": [1, 2], "attribution.tracin_epochs": [1, 2], "attribution.selection_models": 5,
-                     "attribution.num_targets": 4, "attribution.ekfac_dampings": [0.1, 1.0]}.items()}}
+    result = run_profile_stage(root, tmp_path, "11_text_classification", "text_classification", {
+        "model.dim": 8, "model.layers": 1, "model.heads": 2, "train.num_models": 16, "train.num_checkpoints": 3, "train.block_size": 8,
+        "train.epochs": 2, "train.batch_size": 8, "train.precision": "float32", "evaluation.num_masks": 5, "trak.num_models": [1, 3],
+        "trak.proj_dims": [16], "attribution.ensemble_sizes": [1, 2], "attribution.tracin_epochs": [1, 2],
+        "attribution.selection_models": 5, "attribution.num_targets": 4, "attribution.ekfac_dampings": [0.1, 1.0]})
     out = tmp_path / "text_classification"
-    pm.execute_notebook(str(root / "notebooks" / "11_text_classification.ipynb"), str(tmp_path / "11.out.ipynb"),
-                        parameters={"params_file": str(tmp_path / "params.yaml"), "overrides": overrides, "out_dir": str(out)},
-                        cwd=str(root / "notebooks"), progress_bar=False, kernel_name="python3")
-    result = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in result["records"]} == {"trak", "empirical_influence", "grad_dot", "grad_cosine", "ekfac_influence",
                                                        "embedding_similarity", "tracin"}  # no datamodels at this profile
     assert "same_subject_top5" not in result  # QNLI names no facts
