@@ -64,6 +64,6 @@ def assert_gradients_match_autograd(model, x, y, task) -> None:
 
     got = per_example_gradients(model, x, y, task, dtype=torch.float64)
     for i in range(len(x)):
-        f = task.output(model(x[i:i + 1]), y[i:i + 1])[0]
+        f = task.output(task.forward(model, x[i:i + 1], y[i:i + 1]), y[i:i + 1])[0]
         want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, list(model.parameters()))])
         assert torch.allclose(got[i], want, atol=1e-12), i

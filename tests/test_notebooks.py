@@ -69,6 +69,15 @@ TINY["11_text_classification"] = {
     "text_classification.attribution.selection_models": 10, "text_classification.attribution.ekfac_dampings": [0.01, 1.0],
     "text_classification.datamodels.model_counts": [30], "text_classification.datamodels.val_fraction": 0.2,
     "text_classification.datamodels.num_lambdas": 6, "text_classification.datamodels.max_iter": 20}
+TINY["12_diffusion"] = {
+    "device": "cpu", "diffusion.model.hidden": [32, 32], "diffusion.train.num_models": 30, "diffusion.train.block_size": 15,
+    "diffusion.train.stack_size": 15, "diffusion.train.num_checkpoints": 3, "diffusion.train.epochs": 5, "diffusion.evaluation.num_masks": 6,
+    "diffusion.evaluation.repeats": 2, "diffusion.trak.num_models": [1, 3], "diffusion.trak.proj_dims": [16, 32],
+    "diffusion.trak.ridge_grid": [0.1, 1.0], "diffusion.attribution.ensemble_sizes": [1, 2], "diffusion.attribution.selection_models": 8,
+    "diffusion.datamodels.model_counts": [20], "diffusion.datamodels.val_fraction": 0.25, "diffusion.datamodels.num_lambdas": 6,
+    "diffusion.datamodels.max_iter": 20, "diffusion.counterfactuals.num_targets": 2, "diffusion.counterfactuals.ks": [5, 20], "diffusion.counterfactuals.steps": [80],
+    "diffusion.denoising.num_generated": 6, "diffusion.denoising.trajectories": 3, "diffusion.denoising.steps": [80, 20],
+    "diffusion.denoising.timesteps": [2, 8], "diffusion.denoising.step_draws": 4}
 TINY["07_unlearning"] = {
     **COMMON, **TRAIN, "unlearning.num_models": 5, "unlearning.om_oracles": 2, "unlearning.budgets": [0.5, 1.0], "unlearning.lasso_targets": 20, "unlearning.max_grid_extensions": 1, "unlearning.max_budget_extensions": 1,
     "unlearning.forget_sets": [{"name": "r4", "kind": "random", "size": 4}, {"name": "pc1", "kind": "component", "component": 1, "size": 4},
@@ -98,8 +107,8 @@ def _run(root, tmp_path, name, overrides, extra=None):
               "trak.store": f"file://{tmp_path}/trak.zarr", "modeldiff.store_dir": f"file://{tmp_path}/modeldiff",
               "unlearning.store_dir": f"file://{tmp_path}/unlearning", "clip.train.store": f"file://{tmp_path}/clip_train.zarr",
               "clip.evaluation.store": f"file://{tmp_path}/clip_eval.zarr", "clip.trak.store": f"file://{tmp_path}/clip_trak.zarr",
-              **{f"{section}.{k}.store": f"file://{tmp_path}/{section}_{k}.zarr" for section in ("fact_tracing", "text_classification")
-                 for k in ("train", "evaluation", "trak")}}
+              **{f"{section}.{k}.store": f"file://{tmp_path}/{section}_{k}.zarr" for section in ("fact_tracing", "text_classification", "diffusion")
+                 for k in ("train", "evaluation", "trak")}, "diffusion.denoising.reference_store": f"file://{tmp_path}/diffusion_reference"}
     overrides = {**overrides, **{k: v for k, v in stores.items() if k in declared or k.split(".")[0] in declared}}
     for section in ("modeldiff", "unlearning"):  # a store folder that holds several stores
         if section in declared:
@@ -293,6 +302,43 @@ def test_text_classification_stage_runs_end_to_end_and_its_numbers_recompute(roo
     chance = np.mean([np.mean(train == f) for f in test])
     assert all(v["chance"] == pytest.approx(chance) for v in m["same_subject_top5"].values())
     assert m["majority_rate"] == pytest.approx(max(np.mean(pairs.labels[~pairs.train]), 1 - np.mean(pairs.labels[~pairs.train])))
+
+
+def test_diffusion_stage_runs_end_to_end_and_its_numbers_recompute(root, tmp_path):
+    m = _run(root, tmp_path, "12_diffusion", TINY["12_diffusion"])
+    assert {r["method"] for r in m["records"]} == {"trak_loss", "trak_square_norm", "trak_loss_to_square_norm", "datamodels",
+                                                  "empirical_influence", "grad_dot", "grad_cosine"}
+    assert {(r["method"], r["timesteps"]) for r in m["records"] if r["method"].startswith("trak")} == \
+        {(o, k) for o in ("trak_loss", "trak_square_norm", "trak_loss_to_square_norm") for k in (2, 8)}
+    # the mixed variant pairs the loss's training features with the squared norm's target features: charged both
+    mixed = next(r for r in m["records"] if r["method"] == "trak_loss_to_square_norm" and r["models_used"] == 3 and r["proj_dim"] == 32)
+    alone = [next(r for r in m["records"] if r["method"] == f"trak_{o}" and r["models_used"] == 3 and r["proj_dim"] == 32 and r["timesteps"] == mixed["timesteps"])
+             for o in ("loss", "square_norm")]
+    assert mixed["sign"] in (1.0, -1.0) and mixed["own_seconds"] > max(a["own_seconds"] for a in alone)
+    # 450 validation images and 6 generated samples, each group's ceiling by scipy on the eval store
+    ev = zarr.open_group(str(tmp_path / "diffusion_evaluation.zarr"), mode="r")
+    outputs = np.asarray(ev["test_outputs"]).astype(np.float64).reshape(6, 2, -1)
+    assert outputs.shape[2] == 456
+    for group, cols in (("validation", range(450)), ("generated", range(450, 456))):
+        agreement = np.mean([np.nan_to_num(stats.pearsonr(outputs[:, 0, j], outputs[:, 1, j])[0]) for j in cols])
+        assert m["ceiling"][group]["seed_agreement"] == pytest.approx(agreement, rel=1e-9)
+    # a record's LDS is the mean over targets of its groups' LDS, weighted by their sizes
+    rec = next(r for r in m["records"] if r["method"] == "trak_loss")
+    assert rec["lds"] == pytest.approx((450 * rec["lds_by_group"]["validation"] + 6 * rec["lds_by_group"]["generated"]) / 456, rel=1e-9)
+    # the step-wise class shares from the top images and the digits' labels
+    from datalens.core.data import load_digits
+    labels, st = load_digits().y_train, m["stepwise"]
+    top = np.asarray(st["top"])
+    assert top.shape == (3, 2, 10)
+    final = np.asarray(st["final_classes"])
+    same = (labels[top] == final[:, None, None]).mean(-1)
+    assert np.allclose(st["same_class_per_trajectory"], same) and np.allclose(st["same_class"], same.mean(0))
+    assert st["same_class_chance"] == pytest.approx(np.mean([np.mean(labels == c) for c in final]))
+    overlap = np.mean([len(set(top[j, 0]) & set(top[j, 1])) / 10 for j in range(3)])
+    assert st["overlap_with_next"] == [pytest.approx(overlap)]
+    # the counterfactual: every method, k and step, one retrain per trajectory
+    assert set(m["counterfactual"]) == {"top-k", "random"}
+    assert all(set(by_s) == {"80"} and by_s["80"]["distance"]["count"] == 2 for by_k in m["counterfactual"].values() for by_s in by_k.values())
 
 
 def test_committed_notebooks_have_no_outputs_and_one_parameters_cell(root):

@@ -52,7 +52,7 @@ def test_the_cifar_profile_is_valid_for_every_stage(root, tmp_path):
     for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
         p = stage_params(stage, tmp_path / "params.yaml", environment=False)  # it names a GPU this machine lacks
         expected = {"clip": "datalens.core.coco:coco_captions", "fact_tracing": "datalens.core.ftrace:ftrace",
-                    "text_classification": "datalens.core.qnli:qnli"}
+                    "text_classification": "datalens.core.qnli:qnli", "diffusion": "datalens.core.diffusion:cifar10_denoising"}
         assert (p[stage] if stage in expected else p)["data"]["dataset"] == expected.get(stage, "cifar10")
     assert stage_params("train_subsets", tmp_path / "params.yaml", environment=False)["model"]["name"] == "resnet9"
 
@@ -127,7 +127,8 @@ def test_a_yaml_syntax_error_is_one_line_with_its_line_number(root, tmp_path):
 
 
 def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_path):
-    """No GPU, no Ray cluster, no CIFAR tarball, no COCO captions: `python -m datalens.core.config` names all five, one line each."""
+    """No GPU, no Ray cluster, no CIFAR tarball (for the base run and for diffusion), no COCO captions, FTRACE or QNLI:
+    `python -m datalens.core.config` names every lack, one line each."""
     import os
     import shutil
     import subprocess
@@ -142,8 +143,8 @@ def test_the_paper_profile_on_a_bare_machine_names_every_lack_at_once(root, tmp_
     assert done.returncode != 0 and all(l.startswith("params: ") for l in said), said
     keys = [l.split("params: ")[1].split("=")[0] for l in said]
     assert keys == ["device", "execution.num_gpus_per_task", "execution.address", "data.root", "clip.data.root", "fact_tracing.data.root",
-                    "text_classification.data.root"], said
-    assert "dvc update data.dvc" in said[3]
+                    "text_classification.data.root", "diffusion.data.root"], said
+    assert "dvc update data.dvc" in said[3] and "dvc update data.dvc" in said[7]
 
 
 def test_a_gpu_asked_for_where_none_is_visible_is_refused(root):

@@ -40,7 +40,9 @@ ACCOUNTING = ("Charged to every method: each trained model it uses (subset model
 class Ground:
     """LDS ground truth on t targets: evaluation masks (m, n) with mean and single-model margins
     (m, t); the selection (validation) masks (s, n) and margins (s, t) from the training store; and
-    ``targets`` (t,), the test examples they are (None: every test example, in order)."""
+    ``targets`` (t,), the test examples they are (None: every test example, in order); ``groups``
+    {name: columns} of the targets whose LDS is also reported apart (validation images and
+    generated samples)."""
 
     masks: np.ndarray
     actual_mean: np.ndarray
@@ -48,6 +50,7 @@ class Ground:
     val_masks: np.ndarray
     val_margins: np.ndarray
     targets: np.ndarray | None = None
+    groups: dict[str, np.ndarray] | None = None
 
     @property
     def cols(self):
@@ -102,6 +105,9 @@ class Comparison:
                "own_seconds": float(own_seconds), "seconds": charged * self.seconds_per_model + float(own_seconds),
                "lds": linear_datamodeling_score(scores, g.masks, g.actual_mean),
                "lds_single": linear_datamodeling_score(scores, g.masks, g.actual_single), **knobs}
+        if g.groups:
+            rec["lds_by_group"] = {name: linear_datamodeling_score(scores[:, cols], g.masks, g.actual_mean[:, cols])
+                                   for name, cols in g.groups.items()}
         self.records.append(rec)
         key = (method, int(models), knobs.get("proj_dim"))
         if key in self.keep:  # at paper scale each (n, t) is 4 GB: keeping every method's would fill the host
@@ -115,10 +121,13 @@ class Comparison:
         return ACCOUNTING.format(s=self.selection_models, rate=1000 * self.seconds_per_model)
 
 
-def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], proj_dims: list[int], ridges: list[float]) -> None:
+def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], proj_dims: list[int], ridges: list[float],
+             method: str = "trak", **knobs) -> None:
     """TRAK at every (M, k): ridge chosen on validation, then optional soft-thresholding with
     its threshold chosen on validation too. Per-model kernel terms are summed cumulatively,
-    so all M share the work; each M is charged the featurisation of its M checkpoints at k."""
+    so all M share the work; each M is charged the featurisation of its M checkpoints at k.
+    ``features``: a :class:`FeatureStore` or any view with its ``features(models, k)`` and
+    ``seconds(M, k)``. ``method`` and ``knobs`` name the records (a variant's output, its timesteps)."""
     for k in proj_dims:
         sums = {r: 0.0 for r in ridges}
         q_sum, own = 0.0, 0.0
@@ -140,8 +149,8 @@ def run_trak(cmp: Comparison, features: FeatureStore, num_models: list[int], pro
             thresholds = {float(t): soft_threshold(tau, t) for t in np.quantile(np.abs(tau), [0.5, 0.8, 0.9, 0.95])}
             t_best, _ = cmp.select({0.0: tau, **thresholds})
             seconds = own + time.perf_counter() - t0 + float(features.seconds(M, k).sum())
-            rec = cmp.add("trak", M, seconds, tau, True, proj_dim=k, ridge=best,
-                          val_lds_by_ridge={str(r): v for r, v in val.items()})
+            rec = cmp.add(method, M, seconds, tau, True, proj_dim=k, ridge=best,
+                          val_lds_by_ridge={str(r): v for r, v in val.items()}, **knobs)
             rec["lds_soft_threshold"] = linear_datamodeling_score({0.0: tau, **thresholds}[t_best], cmp.ground.masks,
                                                                   cmp.ground.actual_mean)
             rec["soft_threshold"] = t_best

@@ -224,12 +224,14 @@ class FeatureJob:
     seed: int = 0
     param_names: tuple[str, ...] | None = None
     backend: str = "torch"  # see datalens.attribution.projection.projector_backend; recorded, since it changes P
+    task_options: tuple[tuple[str, object], ...] = ()  # what the task attributes (SubsetRun.make_task), e.g. a diffusion output
 
     def identity(self) -> dict:
-        """What the features depend on: the run's identity (through its checkpoints) and P."""
+        """What the features depend on: the run's identity (through its checkpoints), P and the task's options."""
+        options = {"trak.task_options": dict(self.task_options)} if self.task_options else {}  # absent when unused: older stores stay valid
         return {"projector_version": PROJECTOR_VERSION, "trak.proj_dims": list(self.proj_dims),
                 "trak.proj_type": self.proj_type, "trak.seed": self.seed, "trak.backend": self.backend,
-                "trak.param_names": list(self.param_names) if self.param_names else None,
+                "trak.param_names": list(self.param_names) if self.param_names else None, **options,
                 **{f"run.{k}": v for k, v in self.run.identity().items()}}
 
     @property
@@ -288,7 +290,7 @@ def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
     model = run.load_checkpoint(run.open_store(), model_index, device)
     load = time.perf_counter() - t0
     timings: dict = {}
-    feats = featurize(run.make_task(), model, *run.dataset_().tensors(device), list(job.proj_dims), job.seed, model_index, job.proj_type,
+    feats = featurize(run.make_task(**dict(job.task_options)), model, *run.dataset_().tensors(device), list(job.proj_dims), job.seed, model_index, job.proj_type,
                       job.param_names, backend=job.backend, timings=timings)
     store = open_existing(job.location, "r+", FeatureStore)
     values = {"q": next(iter(feats.values())).q.cpu().numpy()[None], "seconds_load": np.array([load]),
@@ -298,6 +300,19 @@ def featurize_checkpoint(job: FeatureJob, model_index: int) -> dict:
                        f"seconds_projection_k{k}": np.array([timings[f"projection_k{k}"]])})
     store.write_block(model_index, values)
     return {"model": model_index, "seconds": time.perf_counter() - t0}
+
+
+def target_features(job: FeatureJob, model_index: int, x: torch.Tensor, y: torch.Tensor, proj_dim: int, **task_options) -> torch.Tensor:
+    """Features (t, k) of new targets (x, y) under checkpoint ``model_index`` of ``job``: their
+    gradients projected by the same P as the job's stored features, so they pair with those
+    training features (:func:`kernel_terms`) without featurising the training set again.
+    ``task_options`` change the job's for these targets (e.g. targets that carry draws of their own)."""
+    run = job.run
+    device = resolve_device(run.device)
+    model = run.load_checkpoint(run.open_store(), model_index, device)
+    task = run.make_task(**{**dict(job.task_options), **task_options})
+    g = per_example_gradients(model, x.to(device), y.to(device), task, job.param_names)
+    return Projector(g.shape[1], proj_dim, job.seed, model_index, job.proj_type, backend=job.backend).project(g)
 
 
 def featurize_checkpoints(job: FeatureJob, num_models: int, executor=None, progress: bool = True) -> FeatureStore:

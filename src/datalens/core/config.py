@@ -314,6 +314,17 @@ SCHEMA: dict[str, Callable[[str, Any], None]] = {
                                direction=_choice("unlearned_oracle", "oracle_unlearned")),
     "unlearning.seed": _int(0),
     "unlearning.store_dir": _str,
+    "denoising.reference_store": _str,
+    "denoising.num_generated": _int(1),
+    "denoising.sampling_seed": _int(0),
+    "denoising.outputs": Param(Annotated[list[Literal["loss", "square_norm"]], Field(strict=True, min_length=1)],
+                               "it must be a non-empty list of: loss, square_norm"),
+    "denoising.timesteps": _int_list(1),
+    "denoising.trajectories": _int(1),
+    "denoising.steps": _int_list(0),
+    "counterfactuals.steps": _int_list(0),
+    "denoising.step_draws": _int(1),
+    "denoising.top_k": _int(1),
 }
 
 
@@ -323,6 +334,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "clip": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
     "fact_tracing": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals"),
     "text_classification": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels"),
+    "diffusion": ("data", "model", "train", "evaluation", "trak", "attribution", "datamodels", "counterfactuals", "denoising"),
 }
 
 
@@ -448,6 +460,18 @@ class ParamRules(BaseModel):
                    "counterfactuals.num_targets must be <= the test set size")
         self._rule(info, ("counterfactuals.ks", "data.dataset"), lambda ks, d: max(ks) < self._sizes(info)(d)[0],
                    "every counterfactuals.ks must be smaller than the training set (k examples are removed from it)")
+        return self
+
+    @model_validator(mode="after")
+    def _denoising(self, info: ValidationInfo) -> "ParamRules":
+        self._rule(info, ("denoising.steps", "model.schedule_steps"), lambda s, t: max(s) < t,
+                   "every denoising.steps must be a sampling step below model.schedule_steps")
+        self._rule(info, ("denoising.trajectories", "denoising.num_generated"), lambda j, g: j <= g,
+                   "denoising.trajectories must be <= denoising.num_generated (they are the first generated samples)")
+        self._rule(info, ("counterfactuals.num_targets", "denoising.trajectories"), lambda c, j: c <= j,
+                   "counterfactuals.num_targets must be <= denoising.trajectories (the counterfactual retrains on attributed trajectories)")
+        self._rule(info, ("counterfactuals.steps", "denoising.steps"), lambda c, s: set(c) <= set(s),
+                   "every counterfactuals.steps must be one of denoising.steps (the steps whose attributions it removes)")
         return self
 
     @model_validator(mode="after")

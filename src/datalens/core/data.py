@@ -303,11 +303,13 @@ def blank_region(ds: Dataset, size: int, row: int, col: int) -> Dataset:
 
 
 def load_dataset(name: str, root: str | Path = "data", patch: dict | None = None, blank: dict | None = None,
-                 repo: str | Path = ".") -> Dataset:
+                 repo: str | Path = ".", generated: str | None = None) -> Dataset:
     """Load a dataset by registered name (see :data:`DATASETS`) or import path (a function
     ``f(root) -> Dataset``, resolved against ``repo``), with a planted ``patch`` (keyword
     arguments of :func:`plant_patch`) and then a ``blank`` preprocessing (of
-    :func:`blank_region`) when given."""
+    :func:`blank_region`) when given. ``generated``: a .npy of generated inputs appended to the
+    test split, with the targets the dataset function's ``generated_targets(count)`` gives them
+    (and shown as its ``as_images(x)`` makes them, else min-max scaled)."""
     if name in DATASETS:
         ds = DATASETS[name](root)
     elif ":" in name:
@@ -322,4 +324,12 @@ def load_dataset(name: str, root: str | Path = "data", patch: dict | None = None
         ds = plant_patch(ds, **patch)
     if blank:
         ds = blank_region(ds, **blank)
+    if generated:
+        fn = resolve_callable(name, "data.dataset", repo) if ":" in name else None
+        targets, as_images = getattr(fn, "generated_targets", None), getattr(fn, "as_images", _as_images)
+        if targets is None:
+            raise ValueError(f"data.dataset={name!r} gives no `generated_targets(count)`, so generated samples cannot join its test split")
+        x = np.load(generated)
+        ds = replace(ds, x_test=np.concatenate([ds.x_test, x]).astype(np.float32), y_test=np.concatenate([ds.y_test, targets(len(x))]),
+                     images_test=np.concatenate([ds.images_test, as_images(x)]))
     return ds

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 STREAMS = {"train": 0, "eval": 1, "counterfactual": 2, "seed_agreement": 3, "unlearning_base": 4, "unlearning_oracle": 5,
-           "unlearning_datamodels": 6}
+           "unlearning_datamodels": 6, "diffusion_reference": 7}
 
 
 def _stream_code(stream: str) -> int:

@@ -23,12 +23,13 @@ from datalens.reporting.reports import best_record, mean_p95
 NOTEBOOKS = {"train_subsets": "01_train_subsets", "eval_models": "02_eval_models", "fit_datamodels": "03_fit_datamodels",
              "counterfactuals": "04_counterfactuals", "attribution_comparison": "05_attribution_comparison",
              "modeldiff": "06_modeldiff", "unlearning": "07_unlearning", "clip": "09_clip",
-             "fact_tracing": "10_fact_tracing", "text_classification": "11_text_classification"}
+             "fact_tracing": "10_fact_tracing", "text_classification": "11_text_classification", "diffusion": "12_diffusion"}
 SECTIONS = [("Datamodels", ("train_subsets", "eval_models", "fit_datamodels", "counterfactuals")),
             ("TRAK and the method comparison", ("attribution_comparison",)),
             ("TRAK for contrastive image-text models (CLIP)", ("clip",)),
             ("TRAK for language models: fact tracing", ("fact_tracing",)),
             ("TRAK for language models: text classification", ("text_classification",)),
+            ("TRAK for diffusion models", ("diffusion",)),
             ("ModelDiff", ("modeldiff",)),
             ("Unlearning", ("unlearning",))]
 NOTEBOOK_ONLY = "notebook-only"  # a cell tag: left out of the rendered page
@@ -60,6 +61,34 @@ def _section_lds(m: dict, rivals: dict[str, str]) -> str:
     return (f"TRAK best {best['lds']:.3f} (M = {best['models_used']}, k = {best['proj_dim']}); datamodels {dm:.3f}; "
             + "; ".join(f"{name} {best_record(m, method)['lds']:.3f}" for method, name in rivals.items())
             + f"; noise ceiling against the mean of the repeats {m.get('mean_ceiling', float('nan')):.3f}. {m['accounting']}")
+
+
+def _diffusion_lds(m: dict) -> str:
+    """Stage diffusion's LDS line: each TRAK output's best on validation images and on generated
+    samples (with its M and K), the baselines' best, and each group's noise ceiling."""
+    rows = m["lds_table"]
+    parts = []
+    for method, name in (("trak_loss", "TRAK (loss)"), ("trak_square_norm", "D-TRAK (squared norm)"),
+                         ("trak_loss_to_square_norm", "TRAK, loss to squared norm")):
+        for group in m["ceiling"]:
+            best = max((r for r in rows if r["method"] == method), key=lambda r: r[f"lds_{group}"], default=None)
+            if best:
+                parts.append(f"{name} on {group} {best[f'lds_{group}']:.3f} (M = {best['models']}, K = {best['timesteps']})")
+    parts += [f"{_named(k)} {v:.3f}" for k, v in m["best_lds"].items() if not k.startswith("trak")]
+    ceilings = ", ".join(f"{g} {c['mean_ceiling']:.3f}" for g, c in m["ceiling"].items())
+    return "; ".join(parts) + f"; noise ceiling against the mean of the repeats: {ceilings}. {m['accounting']}"
+
+
+def _diffusion_steps(m: dict) -> str:
+    st = m["stepwise"]
+    return (f"share of the top {st['k']} training images with the final sample's class, by step " + ", ".join(
+        f"{s}: {v:.2f}" for s, v in zip(st["steps"], st["same_class"])) + f" (that class's share of the training set: "
+        f"{st['same_class_chance']:.2f}); overlap of consecutive steps' top {st['k']}: " + ", ".join(f"{v:.2f}" for v in st["overlap_with_next"]))
+
+
+def _diffusion_counterfactual(m: dict, measure: str) -> str:
+    return "; ".join(f"{method} (k = {k}): " + ", ".join(f"step {s} {v[measure]['mean']:.3f}" for s, v in by_s.items())
+                     for method, by_k in m["counterfactual"].items() for k, by_s in by_k.items())
 
 
 def _fact_drops(m: dict) -> str:
@@ -160,6 +189,30 @@ FIGURES = [
      lambda m: "share of the top 5 about the test pair's subject: " + ", ".join(
          f"{_named(k)} {v['top_k']:.2f}" for k, v in m.get("same_subject_top5", {}).items())
      + (f" (all training pairs: {next(iter(m['same_subject_top5'].values()))['chance']:.3f})" if m.get("same_subject_top5") else ""), []),
+    ("diffusion", "generated_samples.png", "Samples of the reference DDPM (trained on every training image): the generated targets.",
+     "Journey and D-TRAK papers, generated samples",
+     lambda m: "classes the fixed classifier gives them: " + ", ".join(f"{c}: {n}" for c, n in enumerate(m["generated_classes"]) if n), []),
+    ("diffusion", "lds_vs_compute.png", "LDS of every method against charged compute, for small DDPMs on the digits; the output is "
+     "each target's denoising loss at fixed noise, TRAK's with the loss or D-TRAK's squared norm as the output, at K timesteps.",
+     "D-TRAK paper, LDS of TRAK and D-TRAK (CIFAR-2, validation and generated images)", _diffusion_lds,
+     ["dtrak_trak_lds_k10_validation", "dtrak_trak_lds_k100_validation", "dtrak_trak_lds_k100_generated",
+      "dtrak_square_lds_k10_validation", "dtrak_square_lds_k100_validation", "dtrak_square_lds_k100_generated"]),
+    ("diffusion", "lds_vs_timesteps.png", "LDS against the number of timesteps K whose gradients TRAK sums, per output and target group.",
+     "D-TRAK paper, K = 10 against K = 100", lambda m: "", []),
+    ("diffusion", "stepwise_attribution.png", "Generated samples step by step: the state x_s, the model's x_0 prediction at s and the "
+     "top training images attributed to that step (label and score).", "Journey paper, step-wise attribution", _diffusion_steps,
+     ["journey_steps"]),
+    ("diffusion", "stepwise_same_class.png", "Share of the top training images at each step that have the final sample's class.",
+     "Journey paper, where features are decided", lambda m: "", []),
+    ("diffusion", "counterfactual_class_changed.png", "Remove the top-k training images attributed at a step (or k at random), retrain, "
+     "resample from the same x_s with the same noise: how often the fixed classifier's class of the final sample changes, against "
+     "the full-data model of the same seed.", "Journey paper, counterfactual resampling",
+     lambda m: _diffusion_counterfactual(m, "class_changed"), ["journey_counterfactual"]),
+    ("diffusion", "counterfactual_distance.png", "The same counterfactual: L2 distance of the new final sample to the full-data model's.",
+     "Journey paper, counterfactual resampling", lambda m: _diffusion_counterfactual(m, "distance"), []),
+    ("diffusion", "counterfactual_moved_away.png", "The same counterfactual: how much farther the new final sample is from the removed "
+     "images than the full-data model's (mean over them of the change in L2 distance).", "Journey paper, counterfactual resampling",
+     lambda m: _diffusion_counterfactual(m, "moved_away"), []),
     ("modeldiff", "accuracy.png", "Mean test accuracy of every algorithm ModelDiff compares.", "ModelDiff paper, case-study setup",
      lambda m: ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy"].items()), []),
     ("modeldiff", "planted_variance.png", "Explained variance of each distinguishing direction under A and under B (planted patch).",
@@ -277,6 +330,12 @@ def figure_html(path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt, quote=True)}">'
 
 
+def _trak_row(section: str, best: dict, ceiling: float, setting: str) -> dict:
+    """A section stage's summary row: TRAK's best LDS with the noise ceiling, and its setting."""
+    return {"metric": f"{section}: TRAK LDS, best (noise ceiling)", "value": f"{best['lds']:.3f} ({ceiling:.3f})",
+            "params": f"k = {best['proj_dim']}, M = {best['models_used']}; {setting}"}
+
+
 def headline_metrics(reports_dir, params: dict) -> list[dict]:
     """The summary table: every headline metric with its value and the params that produced it."""
     m = load_results(reports_dir)
@@ -298,21 +357,22 @@ def headline_metrics(reports_dir, params: dict) -> list[dict]:
     if "clip" in m:
         c = m["clip"]
         best = best_record(c, "trak")
-        rows += [{"metric": "CLIP: TRAK LDS, best (noise ceiling)", "value": f"{best['lds']:.3f} ({c.get('mean_ceiling', float('nan')):.3f})",
-                  "params": f"k = {best['proj_dim']}, M = {best['models_used']}; two towers on the digits' captions"}]
+        rows += [_trak_row("CLIP", best, c.get("mean_ceiling", float("nan")), "two towers on the digits' captions")]
     if "fact_tracing" in m:
         f = m["fact_tracing"]
         best = best_record(f, "trak")
-        rows += [{"metric": "fact tracing: TRAK LDS, best (noise ceiling)", "value": f"{best['lds']:.3f} ({f.get('mean_ceiling', float('nan')):.3f})",
-                  "params": f"k = {best['proj_dim']}, M = {best['models_used']}; a causal transformer on the fact corpus"},
+        rows += [_trak_row("fact tracing", best, f.get("mean_ceiling", float("nan")), "a causal transformer on the fact corpus"),
                  {"metric": "fact tracing: MRR (TRAK / BM25)", "value": f"{f['retrieval']['trak']['mrr']:.3f} / {f['retrieval']['bm25']['mrr']:.3f}",
                   "params": "against the sentences that state each fact"}]
     if "text_classification" in m:
         t = m["text_classification"]
         best = best_record(t, "trak")
-        rows += [{"metric": "text classification: TRAK LDS, best (noise ceiling)",
-                  "value": f"{best['lds']:.3f} ({t.get('mean_ceiling', float('nan')):.3f})",
-                  "params": f"k = {best['proj_dim']}, M = {best['models_used']}; a transformer encoder on question-sentence pairs"}]
+        rows += [_trak_row("text classification", best, t.get("mean_ceiling", float("nan")), "a transformer encoder on question-sentence pairs")]
+    if "diffusion" in m:
+        d = m["diffusion"]
+        best = best_record(d, "trak_loss")
+        rows += [_trak_row("diffusion", best, d["ceiling"]["validation"]["mean_ceiling"],
+                           f"K = {best['timesteps']}; DDPMs on the digits (ceiling of the validation images)")]
     if "modeldiff" in m:
         d = m["modeldiff"]
         r = d["planted"]
@@ -348,6 +408,9 @@ def headline_values(reports_dir) -> dict[str, float]:
                    fact_tracing_mrr_trak=m["fact_tracing"]["retrieval"]["trak"]["mrr"], fact_tracing_mrr_bm25=m["fact_tracing"]["retrieval"]["bm25"]["mrr"])
     if "text_classification" in m:
         out["text_classification_trak_lds_best"] = best_record(m["text_classification"], "trak")["lds"]
+    if "diffusion" in m:
+        out.update(diffusion_trak_lds_best=best_record(m["diffusion"], "trak_loss")["lds"],
+                   diffusion_dtrak_lds_best=best_record(m["diffusion"], "trak_square_norm")["lds"])
     if "modeldiff" in m:
         d = m["modeldiff"]
         out["modeldiff_planted_auroc"] = d["planted"]["auroc"]

@@ -114,10 +114,22 @@ def _text_classification(r: dict) -> dict:
     return {**_attribution(r), **same}
 
 
+def _diffusion(r: dict) -> dict:
+    groups = {f"best_lds_{g}_{m}": max(row[f"lds_{g}"] for row in r["lds_table"] if row["method"] == m)
+              for m in ("trak_loss", "trak_square_norm", "trak_loss_to_square_norm") for g in r["ceiling"]
+              if any(row["method"] == m for row in r["lds_table"])}
+    ceilings = {f"{k}_{g}": c[k] for g, c in r["ceiling"].items() for k in ("seed_agreement", "mean_ceiling")}
+    step = r["stepwise"]
+    cf = {f"{measure}_step{s}_{m.replace('-', '_')}": v[measure]["mean"] for m, by_k in r["counterfactual"].items()
+          for by_s in list(by_k.values())[-1:] for s, v in by_s.items() for measure in ("class_changed", "moved_away")}
+    return {**_attribution(r), **groups, **ceilings, f"same_class_first_step{step['steps'][0]}": step["same_class"][0],
+            f"same_class_last_step{step['steps'][-1]}": step["same_class"][-1], **cf}
+
+
 HEADLINES = {"train_subsets": _scalars, "eval_models": _scalars, "fit_datamodels": _scalars, "counterfactuals": _counterfactuals,
              "attribution_comparison": _attribution, "modeldiff_train": _modeldiff_train, "modeldiff": _modeldiff,
              "unlearning": _unlearning, "clip": _clip,
-             "fact_tracing": _fact_tracing, "text_classification": _text_classification}
+             "fact_tracing": _fact_tracing, "text_classification": _text_classification, "diffusion": _diffusion}
 
 
 def headline(stage: str, results: dict) -> dict[str, float | int | bool]:

@@ -201,3 +201,55 @@ def unlearning_figures(summary: dict, pooled: dict, histogram: tuple, hist_set: 
     plots.grouped_bars(summary["accuracy"], fig / "accuracy.png", ylabel="accuracy",
                        caption="Mean accuracy over models and reported forget sets, each method at its chosen setting, and the oracles'.")
     return klom_fig
+
+
+# -- diffusion --------------------------------------------------------------------------------
+
+def _as_image(ds: Dataset, x) -> np.ndarray:
+    """A model input in [-1, 1] (flat or (C, H, W)) as the dataset's displayable image in [0, 1]."""
+    shape = ds.images_train.shape[1:]
+    image = np.asarray(x).reshape(shape) if len(shape) == 2 else np.asarray(x).reshape(shape[-1], *shape[:2]).transpose(1, 2, 0)
+    return ((image + 1) / 2).clip(0, 1)
+
+
+def diffusion_figures(cmp, summary: dict, traj: dict, ds: Dataset, step_scores: np.ndarray, train_labels: np.ndarray, fig: Path,
+                      k: int = 5) -> None:
+    """Generated samples; LDS against charged compute (each TRAK variant and K a line) and against
+    K; for the attributed trajectories, each step's state, x_0 prediction and top-k training images
+    by ``step_scores`` (n, trajectories x steps); the share of the top images of the final
+    sample's class along the trajectory; the counterfactual's class changes and distances against
+    the step. ``traj``: :func:`datalens.tasks.diffusion.sample`'s output for every generated sample."""
+    generated = len(traj["final"])
+    shown = min(generated, 30)
+    plots.image_grid(list(ds.images_test[-generated:][:shown]), [f"sample {j}" for j in range(shown)], fig / "generated_samples.png", ncols=10)
+    named = [{**r, "method": f"{r['method']} K={r['timesteps']}"} if r.get("timesteps") else r for r in cmp.records]
+    plots.lds_vs_compute(named, fig / "lds_vs_compute.png", caption=cmp.caption())
+    rows = [r for r in summary["lds_table"] if r["timesteps"] is not None]
+    ks = sorted({r["timesteps"] for r in rows})
+    top_m = max(r["models"] for r in rows)
+    curves = {f"{m} on {g}": [next(r[f"lds_{g}"] for r in rows if r["method"] == m and r["timesteps"] == t and r["models"] == top_m) for t in ks]
+              for m in sorted({r["method"] for r in rows}) for g in summary["ceiling"]}
+    plots.line(ks, curves, fig / "lds_vs_timesteps.png", "timesteps K summed in TRAK's gradients", f"LDS (held-out models), M = {top_m}",
+               logx=True)
+    st = summary["stepwise"]
+    steps, top = st["steps"], np.asarray(st["top"])
+    imgs, titles = [], []
+    for j in range(min(len(top), 3)):
+        for i, s in enumerate(steps):
+            imgs += [_as_image(ds, traj["states"][j, s]), _as_image(ds, traj["x0"][j, s])]
+            titles += [f"sample {j}: x at step {s}", "its x0 prediction"]
+            for idx in top[j, i, :k]:
+                imgs.append(ds.images_train[idx]); titles.append(f"#{idx} ({train_labels[idx]}) {step_scores[idx, j * len(steps) + i]:+.2g}")
+    plots.image_grid(imgs, titles, fig / "stepwise_attribution.png", ncols=2 + k, size=1.5)
+    plots.line(steps, {f"top-{st['k']} training images of the final sample's class": st["same_class"],
+                       "share of that class in the training set": [st["same_class_chance"]] * len(steps)},
+               fig / "stepwise_same_class.png", "sampling step (of the schedule; high = noisy)", "fraction")
+    cf_steps = list(next(iter(next(iter(summary["counterfactual"].values())).values())))
+    for measure, label in (("class_changed", "fraction of final samples whose class changed"),
+                           ("distance", "L2 distance of the new final sample to the full-data model's"),
+                           ("moved_away", "how much farther from the removed images")):
+        series = {f"{method}, k = {kk}": [by_s[s][measure] for s in cf_steps] for method, by_k in summary["counterfactual"].items()
+                  for kk, by_s in by_k.items()}
+        plots.dose_response([int(s) for s in cf_steps], series, fig / f"counterfactual_{measure}.png",
+                            "sampling step at which the images are removed", label,
+                            "Remove, retrain, resample from the same x_s: mean and 95% interval")

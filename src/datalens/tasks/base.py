@@ -32,6 +32,7 @@ class Task:
 
     name = "task"
     metric_name = "metric"
+    draws_per_step = False  # True: every training step draws the targets afresh (:meth:`draw`)
 
     def forward(self, model: Callable[..., torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Raw outputs (B, *raw) of ``model`` (a module or a functional call) on a batch."""
@@ -46,6 +47,12 @@ class Task:
         model's batch, whose padding has weight 0. A task whose loss couples the examples of a
         batch (contrastive) keeps the padding out of it here."""
         return self.loss(outputs, targets) * weights
+
+    def draw(self, inputs: torch.Tensor, targets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """With :attr:`draws_per_step`, the targets (B, ...) of one training step of a batch, drawn from
+        ``gen``, the model's own generator for the epoch (a diffusion model's timesteps and noise), so
+        they depend only on the model's seed, never on which stack or block it trained in."""
+        return targets
 
     def training_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """What training sees of the targets (n, ...); by default all of them."""

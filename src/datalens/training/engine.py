@@ -258,9 +258,10 @@ def _train_alone(task, model, x, y, subset, seed, settings, steps, model_id, sna
                 g["lr"] = settings.lr * lr_factor(settings, step, total, steps)
             idx_t = torch.as_tensor(idx, device=x.device)
             xb = augment(x[idx_t], gen) if settings.augment else x[idx_t]
+            yb = task.draw(xb, y[idx_t], gen) if task.draws_per_step else y[idx_t]
             with _autocast(x.device, settings):
-                out = task.forward(model, xb, y[idx_t])
-            loss = task.mean_loss(out.float(), y[idx_t])
+                out = task.forward(model, xb, yb)
+            loss = task.mean_loss(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -407,7 +408,8 @@ def _train_stack(task, models, x, y, subsets, seeds, settings, steps, model_ids)
     else:
         vmapped = torch.vmap(per_model_loss, in_dims=(0, 0, 0, 0))
         loss_fn = lambda xb, yb, wb: vmapped(stack.params, xb, yb, wb)  # noqa: E731
-    if full_batch and not settings.augment:
+    fresh = settings.augment or task.draws_per_step  # each model draws its own batch's augmentation or noise
+    if full_batch and not fresh:
         # Gather each model's subset once (padded, zero weight): half the compute of
         # masking the whole training set at alpha = 0.5.
         x_full, y_full, w_full = _padded_batch(x, y, subsets)
@@ -419,15 +421,16 @@ def _train_stack(task, models, x, y, subsets, seeds, settings, steps, model_ids)
         gens = [augmentation_generator(s, epoch) for s in seeds]
         per_model = [epoch_batches(subsets[i], seeds[i], epoch, steps) for i in range(len(models))]
         for batch in zip(*per_model):
-            if full_batch and not settings.augment:
+            if full_batch and not fresh:
                 losses = loss_fn(x_full, y_full, w_full)
             else:
+                batch = [np.asarray(b) for b in batch]
+                xb, yb, wb = _padded_batch(x, y, batch)
                 if settings.augment:  # each model augments its own batch with its own draws
-                    batch = [np.asarray(b) for b in batch]
-                    xb, yb, wb = _padded_batch(x, y, batch)
                     xb = torch.stack([torch.cat([augment(xi[:len(b)], gen), xi[len(b):]]) for xi, b, gen in zip(xb, batch, gens)])
-                else:
-                    xb, yb, wb = _padded_batch(x, y, batch)
+                if task.draws_per_step:  # and draws its own noise for its real examples (padding keeps its placeholder)
+                    yb = torch.stack([torch.cat([task.draw(xi[:len(b)], yi[:len(b)], gen), yi[len(b):]])
+                                      for xi, yi, b, gen in zip(xb, yb, batch, gens)])
                 losses = loss_fn(xb, yb, wb)
             stack.step(opt, settings.lr * lr_factor(settings, step, total, steps), losses)
             step += 1

@@ -25,6 +25,7 @@ from datalens.core.models import build_model
 from datalens.tasks.base import Task
 from datalens.tasks.classification import ClassificationTask
 from datalens.tasks.contrastive import ContrastiveTask
+from datalens.tasks.diffusion import DiffusionTask
 from datalens.tasks.language import LanguageModelTask
 from datalens.core.progress import progress_bar
 from datalens.core.sampling import model_seed, subset_masks
@@ -58,7 +59,8 @@ class SubsetRun:
     repeat_offset: int = 0  # shifts every model seed: the same masks with other seeds (a negative control)
     exclude: tuple[int, ...] | None = None  # training examples left out of every mask (unlearning's oracles: S minus F)
     record_logits: bool = False  # also keep the raw outputs (every class logit) on train and test examples (float16)
-    task: str = "classification"  # the kind of model (datalens.tasks): classification, contrastive, language_model
+    task: str = "classification"  # the kind of model (datalens.tasks): classification, contrastive, language_model, diffusion
+    generated: str | None = None  # a .npy of generated samples appended to the test split (datalens.core.data.load_dataset)
     repo: str = "."  # the repo root, against which import paths of your own data and models resolve
 
     @classmethod
@@ -122,12 +124,18 @@ class SubsetRun:
         return open_existing(self.location, mode, num_units=self.num_models)
 
     def dataset_(self) -> Dataset:
-        return cached_dataset(self.dataset, self.data_root, self.patch, self.blank, self.repo)
+        return cached_dataset(self.dataset, self.data_root, self.patch, self.blank, self.repo, self.generated)
 
-    def make_task(self) -> Task:
+    def make_task(self, **options) -> Task:
         """The task object this run trains and measures: classification, contrastive on a pairs
-        dataset (``datalens.core.captions``), whose pool is its test split, or a language model
-        (``datalens.tasks.language``)."""
+        dataset (``datalens.core.captions``), whose pool is its test split, a language model
+        (``datalens.tasks.language``) or a diffusion model (``datalens.tasks.diffusion``, its
+        schedule's T from ``model.schedule_steps``). ``options`` choose what a diffusion task
+        attributes (its ``output`` and ``draws``); other tasks take none."""
+        if self.task == "diffusion":
+            return DiffusionTask(int(self.model_kwargs.get("schedule_steps", 1000)), **options)
+        if options:
+            raise ValueError(f"task {self.task!r} takes no options; got {', '.join(options)}")
         if self.task == "classification":
             return ClassificationTask(label_smoothing=self.settings.label_smoothing)
         if self.task == "contrastive":
@@ -135,7 +143,7 @@ class SubsetRun:
             return ContrastiveTask.of_pairs(torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test), NEGATIVES)
         if self.task == "language_model":
             return LanguageModelTask()
-        raise ValueError(f"task {self.task!r} is unknown; allowed values: classification, contrastive, language_model")
+        raise ValueError(f"task {self.task!r} is unknown; allowed values: classification, contrastive, language_model, diffusion")
 
     def build_model(self) -> nn.Module:
         ds = self.dataset_()
@@ -151,12 +159,23 @@ class SubsetRun:
 _DATA_CACHE: dict = {}
 
 
-def cached_dataset(name: str, root: str, patch: dict | None = None, blank: dict | None = None, repo: str = ".") -> Dataset:
-    """Load each dataset (with its patch and blanking) once per process (block jobs in one worker share it)."""
-    key = (name, root, json.dumps(patch, sort_keys=True), json.dumps(blank, sort_keys=True), repo)
+def cached_dataset(name: str, root: str, patch: dict | None = None, blank: dict | None = None, repo: str = ".",
+                   generated: str | None = None) -> Dataset:
+    """Load each dataset (with its patch, blanking and generated samples) once per process (block
+    jobs in one worker share it)."""
+    key = (name, root, json.dumps(patch, sort_keys=True), json.dumps(blank, sort_keys=True), repo, generated)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(name, root, patch, blank, repo)
+        _DATA_CACHE[key] = load_dataset(name, root, patch, blank, repo, generated)
     return _DATA_CACHE[key]
+
+
+def trained_on_masks(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int] | None = None) -> TrainedModels:
+    """Models of ``run``'s recipe trained on ``masks`` (m, n) with model seeds ``seeds`` (m,), on its device."""
+    ds, device = run.dataset_(), resolve_device(run.device)
+    x_tr, y_tr, _, _ = ds.tensors(device)
+    models = [mod.to(device) for mod in init_models(run.build_model, seeds)]
+    return train_models(run.make_task(), models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
+                        stack_size=run.stack_size)
 
 
 def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], model_ids: Sequence[int],
@@ -164,11 +183,8 @@ def _train_and_score(run: SubsetRun, masks: np.ndarray, seeds: Sequence[int], mo
     """Train one model per mask with the given seeds; the task's measurements as in :func:`train_range`
     (``test_outputs`` by ``measure(raw outputs, targets)`` where given, else the task's output)."""
     ds, task = run.dataset_(), run.make_task()
-    device = resolve_device(run.device)
-    x_tr, y_tr, x_te, y_te = ds.tensors(device)
-    models = [mod.to(device) for mod in init_models(run.build_model, seeds)]
-    trained = train_models(task, models, x_tr, y_tr, np.asarray(masks, bool), seeds, run.settings, model_ids=model_ids,
-                           stack_size=run.stack_size)
+    x_tr, y_tr, x_te, y_te = ds.tensors(resolve_device(run.device))
+    trained = trained_on_masks(run, masks, seeds, model_ids)
     raw_te, raw_tr = trained.outputs(task, x_te, y_te), trained.outputs(task, x_tr, y_tr)
     out = {
         "masks": masks,
