@@ -183,15 +183,55 @@ def text_classification_claims(t: dict) -> list[str]:
     ]
 
 
+DIFFUSION_NAMES = {"trak_loss": "loss → loss (TRAK, Journey)", "trak_square_norm": "squared norm → squared norm (D-TRAK)",
+                   "trak_loss_to_square_norm": "loss → squared norm"}
+
+
+def diffusion_table_rows(d: dict) -> list[str]:
+    """The diffusion LDS table: per TRAK variant and K, the LDS at its most models on validation images
+    and generated samples, then pooled at every M; per baseline its best setting."""
+    rows, top_m = [], max(r["models"] for r in d["lds_table"] if r["timesteps"])
+    for method, name in DIFFUSION_NAMES.items():
+        for k in sorted({r["timesteps"] for r in d["lds_table"] if r["method"] == method}):
+            rs = sorted((r for r in d["lds_table"] if r["method"] == method and r["timesteps"] == k), key=lambda r: r["models"])
+            top = next(r for r in rs if r["models"] == top_m)
+            rows.append(f"| {name} | {k} | {top['lds_validation']:.3f} | {top['lds_generated']:.3f} | "
+                        + " / ".join(f"{r['lds']:.3f}" for r in rs) + " |")
+    for method, name in (("datamodels", "datamodels"), ("empirical_influence", "empirical influence"), ("grad_dot", "grad-dot"),
+                         ("grad_cosine", "grad-cosine")):
+        best = max((r for r in d["lds_table"] if r["method"] == method), key=lambda r: r["lds"])
+        rows.append(f"| {name} ({best['models']} models) | | {best['lds_validation']:.3f} | {best['lds_generated']:.3f} | {best['lds']:.3f} |")
+    return rows
+
+
+def diffusion_claims(d: dict) -> list[str]:
+    """The diffusion bullet: the denoising loss, the ceilings, the LDS table, the step-wise class
+    shares and overlaps, and the counterfactual."""
+    c, st, cf = d["ceiling"], d["stepwise"], d["counterfactual"]
+    k = next(iter(cf["top-k"]))
+    return [
+        f"mean test denoising loss {d['test_denoising_loss']:.3f}",
+        f"agree at r = {c['validation']['seed_agreement']:.3f} on validation images and {c['generated']['seed_agreement']:.3f} on generated samples",
+        f"{c['validation']['mean_ceiling']:.2f} and {c['generated']['mean_ceiling']:.2f} against the mean of the two",
+        *diffusion_table_rows(d),
+        "at steps " + " / ".join(map(str, st["steps"])) + ": " + " / ".join(f"{v:.2f}" for v in st["same_class"]),
+        f"its share of the training set, {st['same_class_chance']:.2f}",
+        "overlap " + " / ".join(f"{v:.2f}" for v in st["overlap_with_next"]),
+        *(f"{measure} at steps " + " / ".join(cf[method][k]) + f" is " + " / ".join(f"{v[measure]['mean']:.3f}" for v in cf[method][k].values())
+          + f" for the {label}" for measure in ("class_changed", "moved_away") for method, label in (("top-k", f"top {k}"), ("random", f"{k} random"))),
+    ]
+
+
 def test_readme_results_agree_with_the_metrics_files(root):
     m = _metrics(root)
     missing = {"train_subsets", "eval_models", "fit_datamodels", "counterfactuals", "attribution_comparison", "modeldiff",
-               "unlearning", "clip", "fact_tracing", "text_classification"} - set(m)
+               "unlearning", "clip", "fact_tracing", "text_classification", "diffusion"} - set(m)
     if missing:
         pytest.fail(f"metrics files missing for {sorted(missing)}: run `make repro` and commit reports/*/results.json")
     text = (root / "README.md").read_text()
     section = text.split("## Results on the embedded profile")[1].split("\n## ")[0]
     flat = re.sub(r"\s+", " ", section)
     stale = [c for c in claims(m) + unlearning_claims(m["unlearning"], yaml.safe_load((root / "params.yaml").read_text())) + clip_claims(m["clip"])
-             + fact_tracing_claims(m["fact_tracing"]) + text_classification_claims(m["text_classification"]) if re.sub(r"\s+", " ", c) not in flat]
+             + fact_tracing_claims(m["fact_tracing"]) + text_classification_claims(m["text_classification"]) + diffusion_claims(m["diffusion"])
+             if re.sub(r"\s+", " ", c) not in flat]
     assert not stale, "README results disagree with reports/*/results.json; expected to find:\n" + "\n".join(stale)

@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -105,8 +106,10 @@ def line(xs, ys: dict[str, list], path: Path, xlabel: str, ylabel: str, title: s
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, y in ys.items():
         ax.plot(xs, y, marker="o", label=label)
-    if logx:
+    if logx:  # ticks at the values themselves, written plainly (not 4 x 10^0)
         ax.set_xscale("log")
+        ax.set_xticks(list(xs), [f"{x:g}" for x in xs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -245,11 +245,9 @@ def diffusion_figures(cmp, summary: dict, traj: dict, ds: Dataset, step_scores: 
                        "share of that class in the training set": [st["same_class_chance"]] * len(steps)},
                fig / "stepwise_same_class.png", "sampling step (of the schedule; high = noisy)", "fraction")
     cf_steps = list(next(iter(next(iter(summary["counterfactual"].values())).values())))
-    for measure, label in (("class_changed", "fraction of final samples whose class changed"),
-                           ("distance", "L2 distance of the new final sample to the full-data model's"),
-                           ("moved_away", "how much farther from the removed images")):
+    for measure, label in (("class_changed", "class changed (fraction)"), ("distance", "L2 distance to the full-data sample"),
+                           ("moved_away", "farther from the removed images by")):
         series = {f"{method}, k = {kk}": [by_s[s][measure] for s in cf_steps] for method, by_k in summary["counterfactual"].items()
                   for kk, by_s in by_k.items()}
         plots.dose_response([int(s) for s in cf_steps], series, fig / f"counterfactual_{measure}.png",
-                            "sampling step at which the images are removed", label,
-                            "Remove, retrain, resample from the same x_s: mean and 95% interval")
+                            "sampling step whose top images are removed", label, "Retrained, resampled from x_s (95% interval)")
