@@ -325,6 +325,10 @@ def test_diffusion_stage_runs_end_to_end_and_its_numbers_recompute(root, tmp_pat
     # a record's LDS is the mean over targets of its groups' LDS, weighted by their sizes
     rec = next(r for r in m["records"] if r["method"] == "trak_loss")
     assert rec["lds"] == pytest.approx((450 * rec["lds_by_group"]["validation"] + 6 * rec["lds_by_group"]["generated"]) / 456, rel=1e-9)
+    # the mask bootstrap reads TRAK (loss) at its most models, largest k and largest K: its LDS is that record's
+    kept = next(r for r in m["records"] if r["method"] == "trak_loss" and r["models_used"] == 3 and r["proj_dim"] == 32 and r["timesteps"] == 8)
+    assert all(m["bootstrap"][g]["lds"] == pytest.approx(kept["lds_by_group"][g], rel=1e-12) and m["bootstrap"][g]["lds_se"] > 0
+               for g in ("validation", "generated"))
     # the step-wise class shares from the top images and the digits' labels
     from datalens.core.data import load_digits
     labels, st = load_digits().y_train, m["stepwise"]

@@ -209,6 +209,10 @@ def diffusion_claims(d: dict) -> list[str]:
     shares and overlaps, and the counterfactual."""
     c, st, cf = d["ceiling"], d["stepwise"], d["counterfactual"]
     k = next(iter(cf["top-k"]))
+
+    def drop(measure, method):
+        return " / ".join(f"{v[measure]['mean']:.3f}" for v in cf[method][k].values())
+
     return [
         f"mean test denoising loss {d['test_denoising_loss']:.3f}",
         f"agree at r = {c['validation']['seed_agreement']:.3f} on validation images and {c['generated']['seed_agreement']:.3f} on generated samples",
@@ -217,8 +221,9 @@ def diffusion_claims(d: dict) -> list[str]:
         "at steps " + " / ".join(map(str, st["steps"])) + ": " + " / ".join(f"{v:.2f}" for v in st["same_class"]),
         f"its share of the training set, {st['same_class_chance']:.2f}",
         "overlap " + " / ".join(f"{v:.2f}" for v in st["overlap_with_next"]),
-        *(f"{measure} at steps " + " / ".join(cf[method][k]) + f" is " + " / ".join(f"{v[measure]['mean']:.3f}" for v in cf[method][k].values())
-          + f" for the {label}" for measure in ("class_changed", "moved_away") for method, label in (("top-k", f"top {k}"), ("random", f"{k} random"))),
+        f"class changed at steps {' / '.join(cf['top-k'][k])}: {drop('class_changed', 'top-k')} for the top {k}, "
+        f"{drop('class_changed', 'random')} for {k} at random",
+        f"farther from the removed images by {drop('moved_away', 'top-k')} for the top {k}, {drop('moved_away', 'random')} for {k} at random",
     ]
 
 

@@ -39,7 +39,7 @@ from datalens.core.config import resolve_location
 from datalens.core.data import resolve_callable
 from datalens.core.sampling import model_seed
 from datalens.core.store import identity_hash
-from datalens.evaluation.metrics import noise_ceiling
+from datalens.evaluation.metrics import linear_datamodeling_score, noise_ceiling, seed_agreement
 from datalens.tasks.diffusion import sample, sampling_noise, step_targets
 from datalens.training.engine import resolve_device
 from datalens.training.runs import SubsetRun, trained_on_masks, train_subset_models
@@ -69,6 +69,23 @@ def noise_ceilings(per_mask: np.ndarray, groups: dict[str, np.ndarray], repeats:
     """The noise ceiling (:func:`datalens.evaluation.metrics.noise_ceiling`) of each target group, from
     held-out outputs (masks, repeats, t)."""
     return {name: noise_ceiling(per_mask[:, 0, cols], per_mask[:, 1, cols], repeats) for name, cols in groups.items()}
+
+
+def mask_bootstrap(scores: np.ndarray, ground: comparison.Ground, per_mask: np.ndarray, draws: int, seed: int) -> dict[str, dict]:
+    """How much the held-out masks alone move two numbers of each target group: the standard
+    deviation, over ``draws`` resamplings of the evaluation masks with replacement (seeded), of the
+    LDS of ``scores`` (n, t) and of the seed agreement of ``per_mask`` (masks, repeats, t)."""
+    rng = np.random.default_rng([seed, 43])
+    out = {}
+    for name, cols in ground.groups.items():
+        lds, agreement = [], []
+        for _ in range(draws):
+            rows = rng.integers(0, len(ground.masks), len(ground.masks))
+            lds.append(linear_datamodeling_score(scores[:, cols], ground.masks[rows], ground.actual_mean[rows][:, cols]))
+            agreement.append(seed_agreement(per_mask[rows, 0][:, cols], per_mask[rows, 1][:, cols]))
+        out[name] = {"lds": linear_datamodeling_score(scores[:, cols], ground.masks, ground.actual_mean[:, cols]),
+                     "lds_se": float(np.std(lds)), "seed_agreement_se": float(np.std(agreement)), "draws": draws}
+    return out
 
 
 def reference_run(run: SubsetRun, dp: dict, root: str) -> SubsetRun:
@@ -157,7 +174,7 @@ def run_methods(cmp: comparison.Comparison, run: SubsetRun, store, cp: dict, exe
     checkpoints."""
     tp, dp, d, ap = cp["trak"], cp["denoising"], cp.get("datamodels"), cp["attribution"]
     trak = dict(num_models=tp["num_models"], proj_dims=tp["proj_dims"], ridges=tp["ridge_grid"])
-    for draws in dp["timesteps"]:
+    for draws in sorted(dp["timesteps"]):  # ascending: scores kept by (method, M, k) end as the largest K's
         stores = {output: featurize_checkpoints(feature_job(run, cp, output, draws), max(tp["num_models"]), executor=executor)
                   for output in dict.fromkeys(["loss", *dp["outputs"]])}
         for output in dp["outputs"]:
@@ -194,6 +211,12 @@ def lds_table(records: list[dict]) -> list[dict]:
                      "lds_single": r["lds_single"], **{f"lds_{g}": v for g, v in r.get("lds_by_group", {}).items()},
                      "seconds": r["seconds"]})
     return rows
+
+
+def kept_trak(cp: dict) -> tuple[str, int, int]:
+    """The comparison key (method, models used, proj_dim) of TRAK with the loss at its most models and
+    largest k, whose scores (at the largest K, :func:`run_methods` runs K ascending) the bootstrap reads."""
+    return "trak_loss", max(cp["trak"]["num_models"]), max(cp["trak"]["proj_dims"])
 
 
 def best_trak(records: list[dict], output: str = "loss") -> dict:
