@@ -101,20 +101,15 @@ def generate(run: SubsetRun, dp: dict, root: str, executor=None) -> tuple[str, d
     ref = reference_run(run, dp, root)
     store = train_subset_models(ref, executor=executor)
     model = ref.load_checkpoint(store, 0, resolve_device(run.device))
-    ds = ref.dataset_()
-    noise = sampling_noise(dp["sampling_seed"], dp["num_generated"], model_steps(run), int(np.prod(ds.input_shape)))
-    traj = sample(model, ref.make_task(), noise.to(resolve_device(run.device)), ds.input_shape)
+    ds, task = ref.dataset_(), ref.make_task()
+    noise = sampling_noise(dp["sampling_seed"], dp["num_generated"], task.steps, int(np.prod(ds.input_shape)))
+    traj = sample(model, task, noise.to(resolve_device(run.device)), ds.input_shape)
     traj = {k: v.cpu() for k, v in traj.items()}
     path = _local(ref.store) / f"generated_{identity_hash({**ref.identity(), 'seed': dp['sampling_seed'], 'count': dp['num_generated']})}.npy"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, traj["final"].reshape(len(noise), *ds.input_shape).numpy())
     return str(path), {**traj, "noise": noise}
-
-
-def model_steps(run: SubsetRun) -> int:
-    """The schedule's T (``model.schedule_steps``)."""
-    return run.make_task().steps
 
 
 def target_groups(n_test: int, num_generated: int) -> dict[str, np.ndarray]:
